@@ -1,0 +1,299 @@
+"""One Flax NNX decoder for the Llama-3 family (SmolLM2, Llama-3.1) and Qwen3.
+
+Layers are stacked on a leading axis and run with `jax.lax.scan`, so a 30-layer model
+compiles one block per shape. The KV cache is position-indexed: the token at position p
+of row b lives at cache[:, b, p], whatever padding the input had. That one rule gives
+left-padded prefill, per-row decode positions (continuous batching) and prefix reuse.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trustee_jax import sharding as shd
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 RoPE frequency scaling (HF `rope_type: llama3`)."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder; `qk_norm=True` makes it Qwen3."""
+  name: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qk_norm: bool = False
+  max_position_embeddings: int = 8192
+  initializer_range: float = 0.02
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch
+
+  @property
+  def architecture(self) -> str:
+    return "qwen3" if self.qk_norm else "llama"
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
+                       self.num_kv_heads, self.head_dim)
+    per_layer = 2 * d + d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f
+    per_layer += 2 * hd if self.qk_norm else 0
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + emb + d
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, [layers, batch, cache_len, kv_heads, head_dim]."""
+  k: Array
+  v: Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+
+# Logical axes of every parameter: `sharding.LOGICAL_RULES` maps them to mesh axes.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "attn_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "q_heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "q_heads", "head_dim", "embed"),
+    "q_norm": ("layers", "norm"),
+    "k_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """RMSNorm in f32, returned in x's dtype (HF's LlamaRMSNorm/Qwen3RMSNorm)."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse RoPE frequencies, with Llama-3 scaling when configured."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv
+  orig = s.original_max_position_embeddings
+  low_wavelen = orig / s.low_freq_factor
+  high_wavelen = orig / s.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotate-half RoPE (HF convention) on [B, T, H, D] at integer positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `__call__(tokens, positions, cache)` -> (logits, cache).
+
+  positions [B, T] are absolute token positions; -1 marks padding (never attended to,
+  never written to the cache).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, mesh=None,
+               rules=shd.LOGICAL_RULES):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.rules = rules
+    pdt = jnp.dtype(cfg.param_dtype)
+    init = jax.nn.initializers.normal(cfg.initializer_range)
+    L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def param(shape, ones=False):
+      return nnx.Param(jnp.ones(shape, pdt) if ones else init(rngs.params(), shape, pdt))
+
+    self.embed = param((cfg.vocab_size, d))
+    self.attn_norm = param((L, d), ones=True)
+    self.wq = param((L, d, h, hd))
+    self.wk = param((L, d, kv, hd))
+    self.wv = param((L, d, kv, hd))
+    self.wo = param((L, h, hd, d))
+    if cfg.qk_norm:
+      self.q_norm = param((L, hd), ones=True)
+      self.k_norm = param((L, hd), ones=True)
+    self.mlp_norm = param((L, d), ones=True)
+    self.w_gate = param((L, d, f))
+    self.w_up = param((L, d, f))
+    self.w_down = param((L, f, d))
+    self.final_norm = param((d,), ones=True)
+    if not cfg.tie_embeddings:
+      self.lm_head = param((d, cfg.vocab_size))
+
+  def _constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, shd.named_sharding(self.mesh, self.rules, axes, x.shape))
+
+  def _layer_params(self) -> dict[str, Array]:
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    if self.cfg.qk_norm:
+      names += ["q_norm", "k_norm"]
+    return {n: getattr(self, n)[...] for n in names}
+
+  def unembed_matrix(self) -> Array:
+    """[hidden, vocab] output projection (the embedding's transpose when tied)."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return w.astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, hidden: Array) -> Array:
+    """Final-normed hidden states [.., hidden] to f32 logits [.., vocab]."""
+    return jnp.dot(hidden, self.unembed_matrix(), preferred_element_type=jnp.float32)
+
+  def hidden_states(self, tokens: Array, positions: Array,
+                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """Final-normed hidden states [B, T, hidden] (for chunked log-probs) and the cache."""
+    cfg = self.cfg
+    cdt = jnp.dtype(cfg.dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+    inv_freq = rope_inv_freq(cfg)
+    valid_q = positions >= 0
+    if cache is None:
+      mask = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
+    else:
+      key_pos = jnp.arange(cache.length)[None, None, :]
+      mask = key_pos <= positions[:, :, None]
+      write_pos = jnp.where(valid_q, positions, cache.length)  # padding is dropped
+      rows = jnp.arange(tokens.shape[0])[:, None]
+    mask = mask & valid_q[:, :, None]
+
+    def block(carry, lp):
+      x, layer, ck, cv = carry
+      hn = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+      q = jnp.einsum("btd,dhk->bthk", hn, lp["wq"].astype(cdt))
+      k = jnp.einsum("btd,dhk->bthk", hn, lp["wk"].astype(cdt))
+      v = jnp.einsum("btd,dhk->bthk", hn, lp["wv"].astype(cdt))
+      if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+      if ck is not None:
+        ck = ck.at[layer, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[layer, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
+        k, v = ck[layer].astype(cdt), cv[layer].astype(cdt)
+      attn = attention(q, k, v, mask)
+      x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
+      hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+      gate = jnp.einsum("btd,df->btf", hn, lp["w_gate"].astype(cdt))
+      up = jnp.einsum("btd,df->btf", hn, lp["w_up"].astype(cdt))
+      mlp = self._constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+      x = x + jnp.einsum("btf,fd->btd", mlp, lp["w_down"].astype(cdt))
+      x = self._constrain(x, ("batch", "length", "act_embed"))
+      return (x, layer + 1, ck, cv), None
+
+    if cfg.remat_policy != "none":
+      block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat_policy])
+    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+    (x, _, ck, cv), _ = jax.lax.scan(block, (x, jnp.int32(0), ck, cv), self._layer_params())
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    return x, (None if cache is None else KVCache(k=ck, v=cv))
+
+  def __call__(self, tokens: Array, positions: Array,
+               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    hidden, cache = self.hidden_states(tokens, positions, cache)
+    return self.logits(hidden), cache
+
+
+def left_padded_positions(lengths: Any, width: int) -> Array:
+  """Positions for left-padded rows: -1 on padding, then 0..len-1."""
+  lengths = jnp.asarray(lengths)[:, None]
+  idx = jnp.arange(width)[None, :]
+  pos = idx - (width - lengths)
+  return jnp.where(pos >= 0, pos, -1)
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, mesh=None,
+                 rules=shd.LOGICAL_RULES) -> Transformer:
+  """A randomly initialised model; with a mesh, initialised sharded under jit.
+
+  The parameters are created directly into their shardings (jit with out_shardings),
+  so an 8B model never sits whole on one device.
+  """
+  if mesh is None:
+    return Transformer(cfg, nnx.Rngs(seed))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed), mesh=mesh, rules=rules))
+  graphdef, abs_state = nnx.split(abstract)
+  out_shardings = shd.state_shardings(abs_state, mesh, rules)
+
+  @jax.jit
+  def init():
+    return nnx.split(Transformer(cfg, nnx.Rngs(seed), mesh=mesh, rules=rules))[1]
+
+  state = jax.jit(init, out_shardings=out_shardings)()
+  return nnx.merge(graphdef, state)
