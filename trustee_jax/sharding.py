@@ -81,9 +81,10 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
   from trustee_jax.models.transformer import PARAM_AXES  # models depend on this module
 
   def one(path, leaf):
-    name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+    key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))  # DictKey / GetAttrKey
+    name = key(path[-1])
     if name == "value" and len(path) > 1:  # nnx.Variable leaves
-      name = str(path[-2].key if hasattr(path[-2], "key") else path[-2])
+      name = key(path[-2])
     axes = PARAM_AXES.get(name)
     if axes is None or len(axes) != len(leaf.shape):
       return NamedSharding(mesh, P())
