@@ -214,9 +214,16 @@ class Transformer(nnx.Module):
     """Final-normed hidden states [.., hidden] to f32 logits [.., vocab]."""
     return jnp.dot(hidden, self.unembed_matrix(), preferred_element_type=jnp.float32)
 
-  def hidden_states(self, tokens: Array, positions: Array,
-                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-    """Final-normed hidden states [B, T, hidden] (for chunked log-probs) and the cache."""
+  def hidden_states(self, tokens: Array, positions: Array, cache: KVCache | None = None, *,
+                    cache_rows: Array | None = None,
+                    attend_len: int | None = None) -> tuple[Array, KVCache | None]:
+    """Final-normed hidden states [B, T, hidden] (for chunked log-probs) and the cache.
+
+    With a cache, row b of the input reads and writes cache row `cache_rows[b]` (default
+    b), and attends to the first `attend_len` cache positions (default all): the sampler
+    picks a bucket just past the longest live position, so a short request does not pay
+    for a long cache.
+    """
     cfg = self.cfg
     cdt = jnp.dtype(cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
@@ -226,10 +233,11 @@ class Transformer(nnx.Module):
     if cache is None:
       mask = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
     else:
-      key_pos = jnp.arange(cache.length)[None, None, :]
+      attend_len = attend_len or cache.length
+      key_pos = jnp.arange(attend_len)[None, None, :]
       mask = key_pos <= positions[:, :, None]
       write_pos = jnp.where(valid_q, positions, cache.length)  # padding is dropped
-      rows = jnp.arange(tokens.shape[0])[:, None]
+      rows = jnp.arange(tokens.shape[0]) if cache_rows is None else cache_rows
     mask = mask & valid_q[:, :, None]
 
     def block(carry, lp):
@@ -244,9 +252,12 @@ class Transformer(nnx.Module):
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
       if ck is not None:
-        ck = ck.at[layer, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[layer, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
-        k, v = ck[layer].astype(cdt), cv[layer].astype(cdt)
+        ck = ck.at[layer, rows[:, None], write_pos].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[layer, rows[:, None], write_pos].set(v.astype(cv.dtype), mode="drop")
+        k, v = ck[layer], cv[layer]
+        if cache_rows is not None:
+          k, v = jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)
+        k, v = k[:, :attend_len].astype(cdt), v[:, :attend_len].astype(cdt)
       attn = attention(q, k, v, mask)
       x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -264,9 +275,9 @@ class Transformer(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return x, (None if cache is None else KVCache(k=ck, v=cv))
 
-  def __call__(self, tokens: Array, positions: Array,
-               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-    hidden, cache = self.hidden_states(tokens, positions, cache)
+  def __call__(self, tokens: Array, positions: Array, cache: KVCache | None = None,
+               **kw) -> tuple[Array, KVCache | None]:
+    hidden, cache = self.hidden_states(tokens, positions, cache, **kw)
     return self.logits(hidden), cache
 
 

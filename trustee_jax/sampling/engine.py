@@ -1,0 +1,388 @@
+"""Continuous-batching engine: decode slots, prefix reuse, thread- and asyncio-safe submits.
+
+A background thread owns the device. Each step it prefills waiting requests into free
+slots (several at once, bucketed by length) and runs a short chunk of decode steps for
+every busy slot. A finished request frees its slot at once but leaves its KV cache
+behind: a later request whose prompt starts with those tokens (the next turn of the same
+conversation) is placed in that slot and only its new tokens are prefilled. A slot's
+cache is lost when another request takes the slot; the next turn is then re-prefilled.
+"""
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trustee_jax.models.transformer import KVCache, Transformer
+from trustee_jax.sampling import constrained, sampler
+
+MAX_TOP_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+  """A request the engine cannot serve (empty or too long prompt, bad settings, bad schema)."""
+
+
+class QueueFullError(RuntimeError):
+  """More requests waiting than the engine's queue holds."""
+
+
+class EngineError(RuntimeError):
+  """The engine failed or shut down while the request was in flight."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request settings (OpenAI semantics). temperature 0 is greedy."""
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  frequency_penalty: float = 0.0
+  seed: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
+  stop_strings: tuple[str, ...] = ()
+  top_logprobs: int = 0
+  json_schema: Any = None  # dict or JSON string; constrained by llguidance
+  grammar: str | None = None  # a ready llguidance grammar (overrides json_schema)
+
+
+@dataclasses.dataclass
+class Completion:
+  """What a request produced: sampled ids exactly as sampled, and their logprobs."""
+  prompt_ids: list[int]
+  tokens: list[int]
+  logprobs: list[float]
+  top_logprobs: list[list[tuple[int, float]]] | None
+  finish_reason: str  # "stop" | "length"
+  stop: int | str | None  # the stop token id or stop string that ended it
+  cached_tokens: int  # prompt tokens reused from a resident cache (not prefilled)
+
+
+@dataclasses.dataclass
+class _Request:
+  prompt: list[int]
+  params: SamplingParams
+  seed: int
+  future: concurrent.futures.Future
+  matcher: Any = None
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+  cached: int = 0
+
+
+@dataclasses.dataclass
+class _Slot:
+  cached_ids: list[int] = dataclasses.field(default_factory=list)  # tokens in the KV cache
+  request: _Request | None = None
+  position: int = -1  # where the last sampled token will be written
+  last_used: int = 0
+
+
+def _bucket(n: int, smallest: int, cap: int) -> int:
+  b = smallest
+  while b < n:
+    b *= 2
+  return min(b, cap)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = min(len(a), len(b))
+  if n == 0:
+    return 0
+  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(diff[0]) if diff.size else n
+
+
+class Engine:
+  """Serves generation requests over `num_slots` decode slots of one model."""
+
+  def __init__(self, model: Transformer, *, num_slots: int = 16, cache_len: int = 2048,
+               decode_chunk: int = 8, max_queue: int = 4096,
+               decode_fn: Callable[[list[int]], str] | None = None,
+               grammar_compiler: constrained.GrammarCompiler | None = None,
+               static_batching: bool = False, seed: int = 0):
+    cfg = model.cfg
+    if cache_len > cfg.max_position_embeddings:
+      raise ValueError(f"cache_len {cache_len} > model context {cfg.max_position_embeddings}")
+    self.cfg = cfg
+    self.graphdef, self.state = nnx.split(model)
+    self.num_slots, self.cache_len = num_slots, cache_len
+    self.decode_chunk, self.max_queue = decode_chunk, max_queue
+    self.decode_fn, self.grammar = decode_fn, grammar_compiler
+    self.static_batching = static_batching
+    self.cache = KVCache.zeros(cfg, num_slots, cache_len)
+    self.counts = jnp.zeros((num_slots, cfg.vocab_size), jnp.int32)
+    self.slots = [_Slot() for _ in range(num_slots)]
+    self.stats = collections.Counter()
+    self._pending: collections.deque[_Request] = collections.deque()
+    self._cv = threading.Condition()
+    self._clock = 0
+    self._rng = np.random.default_rng(seed)
+    self._closed = False
+    self._thread = threading.Thread(target=self._loop, name="trustee-engine", daemon=True)
+    self._thread.start()
+
+  # ---- public API ---------------------------------------------------------------------
+
+  def submit(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()
+             ) -> concurrent.futures.Future:
+    """Queues one request; the future resolves to a Completion (or raises its error)."""
+    prompt = [int(t) for t in prompt_ids]
+    self._check(prompt, params)
+    matcher = None
+    if params.grammar is not None or params.json_schema is not None:
+      if self.grammar is None:
+        raise RequestError("constrained decoding needs an engine built with a grammar compiler")
+      grammar = params.grammar or constrained.json_schema_grammar(params.json_schema)
+      try:
+        matcher = self.grammar.matcher(grammar)
+      except constrained.GrammarError as e:
+        raise RequestError(str(e)) from e
+    seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+    req = _Request(prompt, params, seed, concurrent.futures.Future(), matcher)
+    with self._cv:
+      if self._closed:
+        raise EngineError("engine is shut down")
+      if len(self._pending) >= self.max_queue:
+        self.stats["rejected_queue_full"] += 1
+        raise QueueFullError(f"engine queue is full ({self.max_queue} waiting)")
+      self._pending.append(req)
+      self._cv.notify()
+    return req.future
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+               ) -> list[Completion]:
+    """Submits all prompts at once and waits for every result."""
+    if isinstance(params, SamplingParams):
+      params = [params] * len(prompts)
+    futures = [self.submit(p, sp) for p, sp in zip(prompts, params)]
+    return [f.result() for f in futures]
+
+  async def agenerate(self, prompt_ids: Sequence[int],
+                      params: SamplingParams = SamplingParams()) -> Completion:
+    return await asyncio.wrap_future(self.submit(prompt_ids, params))
+
+  def update_params(self, model_or_state) -> None:
+    """Swaps in new weights (same shapes), e.g. the policy after an optimizer step."""
+    state = model_or_state if not isinstance(model_or_state, nnx.Module) else nnx.state(
+        model_or_state)
+    with self._cv:
+      self.state = state
+      for slot in self.slots:  # caches were computed with the old weights
+        slot.cached_ids = []
+
+  def close(self) -> None:
+    with self._cv:
+      self._closed = True
+      self._cv.notify_all()
+    self._thread.join()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # ---- scheduling ---------------------------------------------------------------------
+
+  def _check(self, prompt: list[int], p: SamplingParams) -> None:
+    if not prompt:
+      raise RequestError("empty prompt")
+    if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+      raise RequestError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+    if p.max_new_tokens < 1:
+      raise RequestError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+    if len(prompt) + p.max_new_tokens > self.cache_len:
+      raise RequestError(
+          f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+          f"context of {self.cache_len} tokens")
+    if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+      raise RequestError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+      raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+    if p.stop_strings and self.decode_fn is None:
+      raise RequestError("stop strings need an engine built with decode_fn")
+
+  def _loop(self) -> None:
+    while True:
+      with self._cv:
+        while not self._closed and not self._pending and not self._busy():
+          self._cv.wait()
+        if self._closed:
+          self._fail_all(EngineError("engine shut down"))
+          return
+        admitted = self._take_admissions()
+      try:
+        if admitted:
+          self._prefill(admitted)
+        if self._busy():
+          self._decode()
+      except Exception as e:  # noqa: BLE001 - every in-flight request must learn of it
+        self.stats["engine_errors"] += 1
+        with self._cv:
+          self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"),
+                         pending=False)
+
+  def _busy(self) -> bool:
+    return any(s.request is not None for s in self.slots)
+
+  def _fail_all(self, error: Exception, pending: bool = True) -> None:
+    for slot in self.slots:
+      if slot.request is not None:
+        slot.request.future.set_exception(error)
+        slot.request, slot.cached_ids = None, []
+    while pending and self._pending:
+      self._pending.popleft().future.set_exception(error)
+
+  def _take_admissions(self) -> list[tuple[int, _Request, int]]:
+    if self.static_batching and self._busy():
+      return []
+    admitted = []
+    while self._pending:
+      free = [i for i, s in enumerate(self.slots) if s.request is None]
+      if not free:
+        break
+      req = self._pending.popleft()
+      matches = [(_common_prefix(self.slots[i].cached_ids, req.prompt), i) for i in free]
+      best, slot_id = max(matches, key=lambda m: (m[0], -self.slots[m[1]].last_used))
+      if best == 0:  # no reuse: take the least recently used slot
+        slot_id = min(free, key=lambda i: self.slots[i].last_used)
+      reuse = min(best, len(req.prompt) - 1)  # the last prompt token must be fed
+      self.slots[slot_id].request = req
+      admitted.append((slot_id, req, reuse))
+    return admitted
+
+  def _row_sampling(self, reqs: list[_Request | None], gen_index: list[int]):
+    def arr(f, dtype):
+      return jnp.asarray(np.array([f(r) if r else 0 for r in reqs], dtype))
+    p = lambda r: r.params  # noqa: E731
+    return sampler.RowSampling(
+        temperature=arr(lambda r: p(r).temperature, np.float32),
+        top_p=jnp.asarray(np.array([p(r).top_p if r else 1.0 for r in reqs], np.float32)),
+        top_k=arr(lambda r: p(r).top_k, np.int32),
+        frequency_penalty=arr(lambda r: p(r).frequency_penalty, np.float32),
+        seed=arr(lambda r: r.seed, np.uint32),
+        gen_index=jnp.asarray(np.array(gen_index, np.int32)))
+
+  def _flags(self, reqs) -> tuple[bool, int]:
+    live = [r for r in reqs if r]
+    use_filter = any(r.params.top_k > 0 or r.params.top_p < 1 for r in live)
+    n_top = MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in live) else 0
+    return use_filter, n_top
+
+  def _bitmask(self, reqs) -> np.ndarray | None:
+    if not any(r and r.matcher is not None for r in reqs):
+      return None
+    mask = self.grammar.allocate(len(reqs))
+    for i, r in enumerate(reqs):
+      if r and r.matcher is not None:
+        constrained.fill_mask(r.matcher, mask, i)
+    return mask
+
+  def _prefill(self, admitted: list[tuple[int, _Request, int]]) -> None:
+    admitted.sort(key=lambda a: len(a[1].prompt) - a[2])
+    groups: dict[int, list] = collections.defaultdict(list)
+    for slot_id, req, reuse in admitted:
+      groups[_bucket(len(req.prompt) - reuse, 16, self.cache_len)].append((slot_id, req, reuse))
+    for width, group in groups.items():
+      n = _bucket(len(group), 1, self.num_slots)
+      tokens = np.zeros((n, width), np.int32)
+      positions = np.full((n, width), -1, np.int32)
+      rows = np.full((n,), -1, np.int32)
+      last = np.zeros((n,), np.int32)
+      reqs: list[_Request | None] = [None] * n
+      for i, (slot_id, req, reuse) in enumerate(group):
+        new = req.prompt[reuse:]
+        tokens[i, :len(new)] = new
+        positions[i, :len(new)] = np.arange(reuse, len(req.prompt))
+        rows[i], last[i], reqs[i] = slot_id, len(new) - 1, req
+        req.cached = reuse
+        self.stats["prefill_tokens"] += len(new)
+        self.stats["reused_tokens"] += reuse
+      attend = _bucket(max(len(r.prompt) for r in reqs if r), 128, self.cache_len)
+      use_filter, n_top = self._flags(reqs)
+      self.cache, self.counts, out = sampler.prefill(
+          self.graphdef, self.state, self.cache, self.counts, jnp.asarray(tokens),
+          jnp.asarray(positions), jnp.asarray(rows), jnp.asarray(last),
+          self._row_sampling(reqs, [0] * n), self._bitmask(reqs),
+          attend_len=attend, use_filter=use_filter, n_top=n_top)
+      toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
+      for i, (slot_id, req, _) in enumerate(group):
+        slot = self.slots[slot_id]
+        slot.cached_ids = list(req.prompt)
+        slot.position = len(req.prompt)
+        self._record(slot, int(toks[i]), float(lps[i]), top_ids[i], top_lps[i])
+
+  def _decode(self) -> None:
+    reqs = [s.request for s in self.slots]
+    live = [(i, r) for i, r in enumerate(reqs) if r]
+    steps = 1 if any(r.matcher is not None for _, r in live) else self.decode_chunk
+    if self._pending:  # free slots soon for those waiting
+      left = min(r.params.max_new_tokens - len(r.tokens) for _, r in live)
+      while steps > 1 and steps > left:
+        steps //= 2
+    positions = np.array([s.position if s.request else -1 for s in self.slots], np.int32)
+    last_tok = np.array([r.tokens[-1] if r else 0 for r in reqs], np.int32)
+    attend = _bucket(int(positions.max()) + steps, 128, self.cache_len)
+    use_filter, n_top = self._flags(reqs)
+    self.cache, self.counts, out = sampler.decode(
+        self.graphdef, self.state, self.cache, self.counts, jnp.asarray(last_tok),
+        jnp.asarray(positions), self._row_sampling(reqs, [len(r.tokens) if r else 0
+                                                          for r in reqs]),
+        self._bitmask(reqs), steps=steps, attend_len=attend, use_filter=use_filter,
+        n_top=n_top)
+    toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
+    self.stats["decode_steps"] += steps
+    for i, _ in live:
+      slot = self.slots[i]
+      for j in range(steps):
+        slot.cached_ids.append(slot.request.tokens[-1])
+        slot.position += 1
+        if self._record(slot, int(toks[i, j]), float(lps[i, j]), top_ids[i, j], top_lps[i, j]):
+          break
+
+  def _record(self, slot: _Slot, token: int, logprob: float, top_ids, top_lps) -> bool:
+    """Appends a sampled token to the slot's request; finishes it when done. True if done."""
+    req = slot.request
+    p = req.params
+    req.tokens.append(token)
+    req.logprobs.append(logprob)
+    if p.top_logprobs:
+      req.top.append([(int(t), float(v)) for t, v in
+                      zip(top_ids[:p.top_logprobs], top_lps[:p.top_logprobs])])
+    finish, stop = None, None
+    if req.matcher is not None:
+      if not req.matcher.consume_token(token):
+        raise EngineError(f"grammar rejected sampled token {token}: {req.matcher.get_error()}")
+      if req.matcher.is_stopped():
+        finish = "stop"
+    if token in p.stop_token_ids:
+      finish, stop = "stop", token
+    elif p.stop_strings:
+      text = self.decode_fn(req.tokens)
+      hit = next((s for s in p.stop_strings if s in text), None)
+      if hit is not None:
+        finish, stop = "stop", hit
+    if finish is None and len(req.tokens) >= p.max_new_tokens:
+      finish = "length"
+    if finish is None:
+      return False
+    self._clock += 1
+    slot.last_used = self._clock
+    slot.request = None
+    self.stats["requests_done"] += 1
+    req.future.set_result(Completion(
+        prompt_ids=req.prompt, tokens=req.tokens, logprobs=req.logprobs,
+        top_logprobs=req.top if p.top_logprobs else None, finish_reason=finish, stop=stop,
+        cached_tokens=req.cached))
+    return True
+
