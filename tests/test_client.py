@@ -236,6 +236,16 @@ def test_429_retry_after_is_honoured():
 
 
 @pytest.mark.timeout(10)
+def test_408_is_retried_as_a_timeout():
+  async def main():
+    async with ScriptedServer(reply(408, "Request Timeout"), ok("queued")) as srv:
+      async with SimulatorClient(_config(srv.url)) as c:
+        assert (await c.chat(_messages(), role="user")).content == "queued"
+        assert _nonzero(c.stats()) == {"calls/user": 1, "retries/timeout": 1}
+  asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
 def test_400_fails_at_once_with_the_servers_message():
   async def main():
     body = {"object": "error", "message": "context length 9000 exceeds 8192",

@@ -2,7 +2,7 @@
 
 Talks to SGLang, vLLM or this project's embedded server over `POST /v1/chat/completions`.
 Every failure is loud and bounded: each attempt is cut at `timeout_s`, transient failures
-(timeouts, refused or dropped connections, 429, 5xx, malformed replies) are retried with
+(timeouts and 408, refused or dropped connections, 429, 5xx, malformed replies) are retried with
 jittered exponential backoff on the next endpoint, and JSON roles are validated against
 their schema and re-asked a bounded number of times. Every retry, failure and re-ask is
 counted for TensorBoard.
@@ -273,6 +273,8 @@ class SimulatorClient:
     if status >= 500:
       raise _AttemptError("http_5xx", f"{status}: {error_message(resp.text)}",
                           retry_after=retry_after_seconds(resp.headers.get("retry-after")))
+    if status == 408:  # SGLang's router gives up on a request that waited too long in its queue.
+      raise _AttemptError("timeout", f"408: {error_message(resp.text)}")
     if 400 <= status < 500:
       raise _AttemptError("http_4xx", f"{status}: {error_message(resp.text)}", retry=False)
     if status != 200:
