@@ -1,0 +1,152 @@
+"""Tests for trustee_jax.models.tokenizer: the packaged tokenizers, conventions, export and errors."""
+import json
+import pathlib
+
+import pytest
+import tokenizers
+
+from trustee_jax.models import packaged
+from trustee_jax.models.tokenizer import Tokenizer, load_tokenizer
+
+TEXTS = [
+    "Hello world! 12345 + 67.8 = x",
+    "  leading spaces\ttabs\n\nnewlines\r\n end ",
+    "ünïcödé, 中文, emoji 🙂, ﬁ ligature",
+    "def f(x):\n    return x**2  # comment",
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+]
+
+
+@pytest.fixture(scope="session")
+def qwen3() -> Tokenizer:
+  return load_tokenizer("qwen3")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Tokenizer:
+  return load_tokenizer("smollm2")
+
+
+def test_qwen3_matches_tokenizer_json(qwen3):
+  reference = tokenizers.Tokenizer.from_file(str(packaged.qwen3_tokenizer_dir() / "tokenizer.json"))
+  for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>"]:
+    assert qwen3.encode(text) == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_qwen3_conventions(qwen3):
+  assert qwen3.vocab_size == 151669
+  assert qwen3.eos_token_ids == (151645, 151643)  # <|im_end|>, <|endoftext|>
+  assert qwen3.bos_token_id is None
+  assert qwen3.pad_token_id == 151643
+  assert qwen3.token_id("<|im_end|>") == 151645
+  assert qwen3.token_id("<tool_call>") == 151657
+  assert qwen3.token_id("<think>") == 151667
+  assert "<tool_call>" in qwen3.chat_template and "enable_thinking" in qwen3.chat_template
+
+
+def test_smollm2_conventions(smollm2):
+  assert smollm2.vocab_size == 49152
+  assert smollm2.bos_token_id == smollm2.token_id("<|im_start|>") == 1
+  assert smollm2.eos_token_ids == (2, 0)  # <|im_end|>, <|endoftext|>
+  assert smollm2.pad_token_id == 2
+  assert smollm2.encode("hi")[0] != smollm2.bos_token_id  # no BOS added
+  # The template comes from the GGUF metadata (SmolLM2's own, with its default system prompt).
+  assert smollm2.chat_template.startswith("{% for message in messages %}")
+  assert "named SmolLM" in smollm2.chat_template
+
+
+def test_smollm2_splits_digits_like_llama_cpp(smollm2):
+  # llama.cpp's 'smollm' pre-tokenizer isolates every digit before GPT-2's regex.
+  ids = smollm2.encode("year 2024")
+  assert [smollm2.decode([i]) for i in ids[-4:]] == ["2", "0", "2", "4"]
+
+
+def test_smollm2_matches_transformers_gguf_conversion(smollm2):
+  pytest.importorskip("torch")  # transformers' GGUF reader imports torch
+  import transformers  # pylint: disable=import-outside-toplevel
+  path = packaged.smollm2_gguf_path()
+  reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+    assert smollm2.encode(text) == reference.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+def test_encode_decode(name, request):
+  tok = request.getfixturevalue(name)
+  for text in TEXTS:
+    assert tok.decode(tok.encode(text)) == text
+  ids = tok.encode("a<|im_end|>b")
+  assert tok.token_id("<|im_end|>") in ids  # special tokens written in text are recognised
+  assert tok.decode(ids, skip_special_tokens=True) == "ab"
+  assert tok.token_id("<|im_end|>") in tok.special_token_ids
+
+
+@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+def test_token_bytes(name, request):
+  tok = request.getfixturevalue(name)
+  table = tok.token_bytes()
+  assert len(table) == tok.vocab_size
+  for text in TEXTS + ["x<|im_end|>"]:
+    assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
+
+
+def test_token_id_rejects_multi_token_text(qwen3):
+  with pytest.raises(ValueError, match="not a single token"):
+    qwen3.token_id("hello world")
+
+
+def test_llguidance_tokenizer(smollm2):
+  ll = smollm2.llguidance_tokenizer()
+  assert ll.vocab_size == smollm2.vocab_size
+  assert ll.eos_tokens == list(smollm2.eos_token_ids)
+  assert ll.tokenize_str(TEXTS[0]) == smollm2.encode(TEXTS[0])
+  assert smollm2.llguidance_tokenizer(n_vocab=49216).vocab_size == 49216
+  with pytest.raises(ValueError, match="smaller"):
+    smollm2.llguidance_tokenizer(n_vocab=100)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+def test_save_pretrained_round_trip(name, request, tmp_path):
+  tok = request.getfixturevalue(name)
+  tok.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+  assert isinstance(config.get("additional_special_tokens", []), list)
+  assert "extra_special_tokens" not in config
+  loaded = load_tokenizer(tmp_path)
+  for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+    assert loaded.encode(text) == tok.encode(text)
+  assert loaded.chat_template == tok.chat_template
+  assert (loaded.eos_token_ids, loaded.bos_token_id, loaded.pad_token_id) == (
+      tok.eos_token_ids, tok.bos_token_id, tok.pad_token_id)
+
+
+def test_generation_config_eos_ids(qwen3, tmp_path):
+  qwen3.save_pretrained(tmp_path)
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151662]}))
+  assert load_tokenizer(tmp_path).eos_token_ids == (151645, 151662, 151643)
+
+
+def test_errors_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="neither"):
+    load_tokenizer(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    load_tokenizer(tmp_path)
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"tokenizer\.json is not valid JSON"):
+    load_tokenizer(tmp_path)
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
+  with pytest.raises(ValueError, match=r"tokenizer\.json"):
+    load_tokenizer(tmp_path)
+  bad_gguf = tmp_path / "broken.gguf"
+  bad_gguf.write_bytes(b"GGUF" + b"\x00" * 7)
+  with pytest.raises(ValueError, match="broken.gguf"):
+    load_tokenizer(bad_gguf)
+
+
+def test_corrupt_tokenizer_config_is_named(tmp_path):
+  (tmp_path / "tokenizer.json").write_bytes(
+      (packaged.qwen3_tokenizer_dir() / "tokenizer.json").read_bytes())
+  (tmp_path / "tokenizer_config.json").write_text("{")
+  with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON"):
+    load_tokenizer(pathlib.Path(tmp_path))
