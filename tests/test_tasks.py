@@ -1,0 +1,208 @@
+"""Task generation: per-task schema, validation beyond the schema, regeneration, batches, round trips."""
+import asyncio
+import dataclasses
+import json
+
+import jsonschema
+import ml_collections
+import numpy as np
+import pytest
+
+from trustee_jax.simulator import tasks as tl
+from trustee_jax.simulator import tools_pool
+from trustee_jax.simulator.doubles import ScriptedClient
+
+
+@dataclasses.dataclass
+class Knobs:
+  num_tools: int = 3
+  num_expected_calls: int = 2
+  persona_level: int = 2
+  ambiguity_level: int = 1
+  expected_turns: int = 0
+  system_prompt_level: int = 1
+  num_criteria: int = 2
+  max_user_turns: int = 3
+  max_assistant_turns: int = 6
+  max_tool_turns: int = 3
+
+
+POOL = tools_pool.load_shipped_pool()
+TOOLS = [tools_pool.tool_spec(e) for e in POOL["Online Shopping"]["Cart and Orders"][:3]]
+NAMES = [t["function"]["name"] for t in TOOLS]  # add_to_cart, view_cart, checkout_cart
+
+
+def reply(query="Hi, I want to buy that blue kettle I looked at yesterday.", **over):
+  out = {"user_intent": "Buy one blue kettle (product K-220) with express shipping.",
+         "user_persona": "A novice online shopper.",
+         "hidden_facts": ["The product id is K-220."],
+         "initial_state": ["Product K-220 is in stock at $39."],
+         "expected_tool_calls": ["add_to_cart", "checkout_cart"],
+         "first_user_query": query}
+  out.update(over)
+  return out
+
+
+def test_schema_is_built_per_task():
+  schema = tl.task_schema(NAMES, 2)
+  jsonschema.Draft202012Validator.check_schema(schema)
+  assert schema["x-guidance"] == {"whitespace_flexible": False}
+  order = list(schema["properties"])
+  assert order == ["user_intent", "user_persona", "hidden_facts", "initial_state",
+                   "expected_tool_calls", "first_user_query"]
+  assert schema["required"] == order and schema["additionalProperties"] is False
+  calls = schema["properties"]["expected_tool_calls"]
+  assert calls["items"]["enum"] == sorted(NAMES)
+  assert (calls["minItems"], calls["maxItems"]) == (2, 2)
+  slack = tl.task_schema(NAMES, 1, tl.TaskGenConfig(calls_slack=1))["properties"]
+  assert (slack["expected_tool_calls"]["minItems"], slack["expected_tool_calls"]["maxItems"]) == (1, 2)
+  ref = tl.task_schema(NAMES, 2, tl.TaskGenConfig(hidden_facts=False, initial_state=False))
+  assert list(ref["properties"]) == ["user_intent", "user_persona", "expected_tool_calls",
+                                     "first_user_query"]
+  jsonschema.validate(reply(), schema)
+  with pytest.raises(jsonschema.ValidationError):
+    jsonschema.validate(reply(expected_tool_calls=["cancel_order", "add_to_cart"]), schema)
+
+
+def test_string_limits_fit_the_token_budget():
+  big = tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=None))["properties"]
+  small_cfg = tl.TaskGenConfig(max_tokens=300, chars_per_token=3.0)
+  small = tl.task_schema(NAMES, 2, small_cfg)["properties"]
+  assert big["user_intent"]["maxLength"] == 600
+  total = (small["user_intent"]["maxLength"] + small["user_persona"]["maxLength"]
+           + small["first_user_query"]["maxLength"]
+           + small["hidden_facts"]["maxItems"] * small["hidden_facts"]["items"]["maxLength"]
+           + small["initial_state"]["maxItems"] * small["initial_state"]["items"]["maxLength"])
+  assert total <= 300 * 3.0
+  assert small["user_intent"]["maxLength"] < 600
+  with pytest.raises(ValueError, match="no room"):
+    tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=20))
+
+
+def test_generate_builds_a_task_from_one_valid_reply():
+  client = ScriptedClient([reply()])
+  gen = tl.TaskGenerator(client, {"temperature": 0.7, "max_tokens": 900})
+  task = asyncio.run(gen.generate(Knobs(), TOOLS, "Online Shopping", seed=11))
+  assert task.expected_tool_calls == ["add_to_cart", "checkout_cart"]
+  assert task.hidden_facts == ["The product id is K-220."]
+  assert task.knobs["persona_level"] == 2 and task.tool_names == NAMES
+  assert task.system_prompt.startswith("You are a helpful assistant that can call tools")
+  (req,) = client.requests
+  assert req.role == "task" and req.kwargs["seed"] == 11
+  assert req.kwargs["temperature"] == 0.7 and req.kwargs["max_tokens"] == 900
+  assert "knows nothing about the domain" in req.prompt  # persona level 2
+  assert "leaves out a detail" in req.prompt  # ambiguity level 1
+  assert all(n in req.prompt for n in NAMES)
+  assert req.schema["properties"]["expected_tool_calls"]["items"]["enum"] == sorted(NAMES)
+
+
+def test_invalid_tasks_are_regenerated_with_new_seeds():
+  client = ScriptedClient([
+      reply(query="Please call add_to_cart for the kettle."),  # names a tool
+      reply(user_intent="   "),  # blank intent
+      reply()])
+  task = asyncio.run(tl.TaskGenerator(client).generate(Knobs(), TOOLS, "Shop", seed=5))
+  assert task.first_user_query.startswith("Hi, I want")
+  seeds = [r.kwargs["seed"] for r in client.requests]
+  assert seeds[0] == 5 and len(set(seeds)) == 3
+
+
+def test_generation_gives_up_loudly_after_max_attempts():
+  bad = reply(query="use checkout_cart now")
+  client = ScriptedClient([bad, bad])
+  gen = tl.TaskGenerator(client, tl.TaskGenConfig(max_attempts=2))
+  with pytest.raises(tl.TaskGenerationError) as err:
+    asyncio.run(gen.generate(Knobs(), TOOLS, "Shop", seed=1))
+  assert "attempt 1" in str(err.value) and "attempt 2" in str(err.value)
+  assert "names tools ['checkout_cart']" in str(err.value)
+  assert len(client.requests) == 2
+
+
+def test_switches_off_give_the_reference_task():
+  ref = reply()
+  del ref["hidden_facts"], ref["initial_state"]
+  client = ScriptedClient([ref])
+  cfg = ml_collections.ConfigDict({"hidden_facts": False, "initial_state": False})
+  task = asyncio.run(tl.TaskGenerator(client, cfg).generate(Knobs(), TOOLS, "Shop", seed=1))
+  assert task.hidden_facts == [] and task.initial_state == []
+  assert "hidden_facts" not in client.requests[0].prompt
+  assert "initial_state" not in client.requests[0].prompt
+
+
+def test_mentions_tool():
+  assert tl.mentions_tool("Can you run add_to_cart?", "add_to_cart")
+  assert tl.mentions_tool("try getPetById please", "getPetById")
+  assert not tl.mentions_tool("add to cart please", "add_to_cart")
+  assert not tl.mentions_tool("search for flights", "search")  # plain words are language
+  assert not tl.mentions_tool("send sms to mom", "SEND SMS")
+  assert not tl.mentions_tool("readd_to_cart", "add_to_cart")
+
+
+def test_task_round_trips_through_json():
+  task = asyncio.run(tl.TaskGenerator(ScriptedClient([reply()])).generate(
+      Knobs(), TOOLS, "Shop", seed=3))
+  back = tl.Task.from_dict(json.loads(json.dumps(task.to_dict())))
+  assert back == task
+  with pytest.raises(ValueError, match="unknown Task fields"):
+    tl.Task.from_dict({**task.to_dict(), "extra": 1})
+
+
+def test_knobs_from_objects_mappings_and_errors():
+  assert tl.knobs_dict(Knobs())["num_tools"] == 3
+  assert tl.knobs_dict(dataclasses.asdict(Knobs()) | {"level": 4})["num_criteria"] == 2
+  with pytest.raises(ValueError, match="max_tool_turns"):
+    tl.knobs_dict({k: 1 for k in tl.KNOB_FIELDS if k != "max_tool_turns"})
+
+
+def test_batch_regenerates_duplicates_and_reports_without_padding():
+  same = "Hi, I want to buy that blue kettle I looked at yesterday."
+  replies = {0: [reply(query=same)], 1: [reply(query=same + "!"), reply(query="Need a new toaster.")],
+             2: [reply(query="use view_cart")] * 3}
+  def answer(req):
+    i = int(req.prompt.split("# Domain\n")[1].split("\n")[0])
+    return replies[i].pop(0) if len(replies[i]) > 1 else replies[i][0]
+  client = ScriptedClient(answer)
+  gen = tl.TaskGenerator(client)
+  reqs = [tl.TaskRequest(Knobs(), str(i), TOOLS, seed=100 + i) for i in range(3)]
+  batch = asyncio.run(gen.generate_batch(reqs))
+  assert [t.category for t in batch.tasks] == ["0", "1"]
+  assert batch.tasks[1].first_user_query == "Need a new toaster."
+  assert not batch.complete and [i for i, _ in batch.failures] == [2]
+  assert "names tools ['view_cart']" in batch.failures[0][1]
+
+
+def test_batch_reports_persistent_duplicates_and_propagates_infrastructure_errors():
+  gen = tl.TaskGenerator(ScriptedClient(lambda req: reply()), tl.TaskGenConfig(batch_rounds=2))
+  reqs = [tl.TaskRequest(Knobs(), "c", TOOLS, seed=i) for i in range(2)]
+  batch = asyncio.run(gen.generate_batch(reqs, avoid_queries=["something else"]))
+  assert len(batch.tasks) == 1 and batch.failures[0][0] == 1
+  assert "duplicate first query after 2 round(s)" in batch.failures[0][1]
+
+  def down(req):
+    raise ConnectionError("simulator unreachable")
+  with pytest.raises(ConnectionError):
+    asyncio.run(tl.TaskGenerator(ScriptedClient(down)).generate_batch(reqs))
+
+
+def test_sample_requests_from_pool_and_curriculum_batch():
+  from trustee_jax import curriculum
+  knobs = [Knobs(num_tools=n) for n in (1, 4, 9)]
+  reqs = tl.sample_requests(POOL, knobs, np.random.default_rng(0))
+  assert [len(r.tools) for r in reqs] == [1, 4, 9]
+  assert len({r.seed for r in reqs}) == 3
+  fields = {f.name for f in dataclasses.fields(curriculum.TaskKnobs)}
+  batch = curriculum.TaskKnobs(**{k: np.array([2, 3], np.int32) for k in tl.KNOB_FIELDS},
+                               **{k: np.zeros(2, np.int32) for k in fields - set(tl.KNOB_FIELDS)})
+  reqs = tl.sample_requests(POOL, batch, np.random.default_rng(0))
+  assert [len(r.tools) for r in reqs] == [2, 3]
+
+
+def test_system_prompt_levels():
+  from trustee_jax.simulator.system_prompts import system_prompt
+  prompts = [system_prompt(level, TOOLS) for level in range(4)]
+  assert prompts[3] == "You are a helpful assistant."
+  assert len(prompts[0]) > len(prompts[1]) > len(prompts[2]) > len(prompts[3])
+  assert "<tool_call>" in prompts[0] and all(n in prompts[0] for n in NAMES)
+  assert not any(n in p for n in NAMES for p in prompts[1:])
+  with pytest.raises(ValueError):
+    system_prompt(4, TOOLS)

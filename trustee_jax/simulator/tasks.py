@@ -1,0 +1,318 @@
+"""Task generation: the frozen LM writes one task per sampled tool set, under a per-task JSON schema.
+
+A task holds the ground truth that the user simulator, the tool simulator and the judge share;
+the policy only sees the system prompt, the tools and the first user query. Hidden facts and an
+initial world state are this project's extensions (switches; off = the reference).
+"""
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jsonschema
+import numpy as np
+
+from trustee_jax.simulator import system_prompts
+from trustee_jax.simulator import tools_pool
+
+KNOB_FIELDS = ("num_tools", "num_expected_calls", "persona_level", "ambiguity_level",
+               "expected_turns", "system_prompt_level", "num_criteria", "max_user_turns",
+               "max_assistant_turns", "max_tool_turns")
+
+
+class TaskGenerationError(RuntimeError):
+  """The LM did not produce a valid task within the allowed attempts; lists every attempt."""
+
+
+@dataclasses.dataclass
+class Task:
+  """One generated task (JSON-serialisable; validation sets are saved to disk)."""
+  task_id: str
+  category: str
+  tools: list[dict[str, Any]]
+  expected_tool_calls: list[str]
+  user_intent: str
+  user_persona: str
+  first_user_query: str
+  hidden_facts: list[str]
+  initial_state: list[str]
+  knobs: dict[str, int]
+  system_prompt: str
+  oracle: dict[str, Any] = dataclasses.field(default_factory=dict)  # rule-based doubles only
+
+  @property
+  def tool_names(self) -> list[str]:
+    return [tools_pool.tool_name(t) for t in self.tools]
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> "Task":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+      raise ValueError(f"unknown Task fields: {sorted(unknown)}")
+    return cls(**{k: v for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGenConfig:
+  """Task generator settings; string limits are scaled down to fit `max_tokens`."""
+  hidden_facts: bool = True
+  initial_state: bool = True
+  max_attempts: int = 3
+  batch_rounds: int = 3
+  calls_slack: int = 0  # expected_tool_calls may have num_expected_calls +- slack items
+  max_tokens: int | None = 1024
+  chars_per_token: float = 3.0
+  max_intent_chars: int = 600
+  max_persona_chars: int = 200
+  max_query_chars: int = 400
+  max_fact_chars: int = 160
+  max_facts: int = 4
+  max_state_chars: int = 160
+  max_state_entries: int = 5
+  temperature: float | None = 1.0
+  top_p: float | None = None
+  frequency_penalty: float | None = None
+  chat_template_kwargs: dict[str, Any] | None = None
+
+
+def config_from(cls: type, cfg: Any) -> Any:
+  """A role config dataclass from None, an instance, a mapping or any attribute object
+  (e.g. an ml_collections ConfigDict); fields it lacks keep their defaults."""
+  if cfg is None:
+    return cls()
+  if isinstance(cfg, cls):
+    return cfg
+  get = (lambda k: cfg[k]) if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k))
+  has = (lambda k: k in cfg) if isinstance(cfg, Mapping) else (lambda k: hasattr(cfg, k))
+  return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls) if has(f.name)})
+
+
+def sampling_kwargs(cfg: Any) -> dict[str, Any]:
+  """The chat_json sampling arguments a role config carries."""
+  return {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "frequency_penalty",
+                                       "chat_template_kwargs")}
+
+
+def knobs_dict(knobs: Any) -> dict[str, int]:
+  """The curriculum's TaskKnobs (or any object/mapping with its fields) as a dict of ints."""
+  get = (lambda k: knobs[k]) if isinstance(knobs, Mapping) else (lambda k: getattr(knobs, k))
+  out = {}
+  for name in KNOB_FIELDS:
+    try:
+      out[name] = int(get(name))
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f"task knobs lack {name!r}: {knobs!r}") from e
+  return out
+
+
+def derive_seed(seed: int, k: int) -> int:
+  """Seed of the k-th retry of `seed` (k = 0 is the seed itself); fits a signed int32."""
+  if k == 0:
+    return int(seed)
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, k]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _scaled_limits(num_calls_max: int, names: Sequence[str], cfg: TaskGenConfig) -> dict[str, int]:
+  limits = {"intent": cfg.max_intent_chars, "persona": cfg.max_persona_chars,
+            "query": cfg.max_query_chars, "fact": cfg.max_fact_chars, "state": cfg.max_state_chars}
+  counts = {"intent": 1, "persona": 1, "query": 1,
+            "fact": cfg.max_facts if cfg.hidden_facts else 0,
+            "state": cfg.max_state_entries if cfg.initial_state else 0}
+  if cfg.max_tokens is None:
+    return limits
+  fixed = 120 + num_calls_max * (max(map(len, names), default=8) + 4)  # keys, punctuation, calls
+  budget = cfg.max_tokens * cfg.chars_per_token - fixed
+  wanted = sum(limits[k] * counts[k] for k in limits)
+  if budget < 100:
+    raise ValueError(f"max_tokens={cfg.max_tokens} leaves no room for a task")
+  scale = min(1.0, budget / wanted)
+  return {k: max(20, int(v * scale)) for k, v in limits.items()}
+
+
+def task_schema(tool_names: Sequence[str], num_expected_calls: int,
+                cfg: TaskGenConfig = TaskGenConfig()) -> dict[str, Any]:
+  """The JSON schema of one task, built per task: expected calls are an enum of the sampled
+  names with a bounded count; string lengths fit the token budget; goal before decisions."""
+  if not tool_names:
+    raise ValueError("a task needs at least one tool")
+  lo = max(1, num_expected_calls - cfg.calls_slack)
+  hi = max(lo, num_expected_calls + cfg.calls_slack)
+  lim = _scaled_limits(hi, tool_names, cfg)
+  text = lambda n: {"type": "string", "minLength": 1, "maxLength": n}
+  props: dict[str, Any] = {"user_intent": text(lim["intent"]), "user_persona": text(lim["persona"])}
+  if cfg.hidden_facts:
+    props["hidden_facts"] = {"type": "array", "items": text(lim["fact"]), "minItems": 1,
+                             "maxItems": cfg.max_facts}
+  if cfg.initial_state:
+    props["initial_state"] = {"type": "array", "items": text(lim["state"]), "minItems": 1,
+                              "maxItems": cfg.max_state_entries}
+  props["expected_tool_calls"] = {"type": "array", "minItems": lo, "maxItems": hi,
+                                  "items": {"type": "string", "enum": sorted(set(tool_names))}}
+  props["first_user_query"] = text(lim["query"])
+  return {"type": "object", "properties": props, "required": list(props),
+          "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+
+
+def mentions_tool(text: str, name: str) -> bool:
+  """Whether `text` names the tool. Only identifier-like names (with _ - . / or camelCase) are
+  checked: plain words or phrases ("search", "Send SMS") are ordinary language."""
+  if " " in name.strip() or not re.search(r"[_\-./]|[a-z][A-Z]", name):
+    return False
+  pattern = r"(?<![A-Za-z0-9_])" + re.escape(name.lower()) + r"(?![A-Za-z0-9_])"
+  return re.search(pattern, text.lower()) is not None
+
+
+def task_problems(raw: Any, schema: dict[str, Any], tool_names: Sequence[str]) -> list[str]:
+  """Why a generated task is unusable (empty when it is fine): schema, then content checks."""
+  errors = [e.message[:200] for e in jsonschema.Draft202012Validator(schema).iter_errors(raw)]
+  if errors:
+    return [f"schema: {m}" for m in errors]
+  problems = []
+  for key in ("user_intent", "user_persona", "first_user_query"):
+    if not raw[key].strip():
+      problems.append(f"{key} is blank")
+  named = [n for n in tool_names if mentions_tool(raw["first_user_query"], n)]
+  if named:
+    problems.append(f"first_user_query names tools {named}")
+  for key in ("hidden_facts", "initial_state"):
+    if any(not s.strip() for s in raw.get(key, [])):
+      problems.append(f"{key} has a blank entry")
+  return problems
+
+
+def normalise_query(query: str) -> str:
+  """The form used for duplicate checks: lower case, letters and digits only."""
+  return " ".join(re.findall(r"[a-z0-9]+", query.lower()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRequest:
+  """What one task is generated from: the curriculum's knobs, sampled tools, a seed."""
+  knobs: Any
+  category: str
+  tools: list[dict[str, Any]]
+  seed: int
+
+
+@dataclasses.dataclass
+class TaskBatch:
+  """Generated tasks in request order, and why each missing one is missing (never padded)."""
+  tasks: list[Task]
+  failures: list[tuple[int, str]]
+
+  @property
+  def complete(self) -> bool:
+    return not self.failures
+
+
+def sample_requests(pool: tools_pool.Pool, knobs_list: Sequence[Any], rng: np.random.Generator
+                    ) -> list[TaskRequest]:
+  """One request per knobs: tools sampled from the pool (DESIGN §1), a fresh seed each.
+  `knobs_list` is a sequence of knobs or a curriculum TaskKnobs batch (with `.task(i)`)."""
+  if hasattr(knobs_list, "task") and hasattr(knobs_list, "batch_size"):
+    knobs_list = [knobs_list.task(i) for i in range(knobs_list.batch_size)]
+  out = []
+  for knobs in knobs_list:
+    category, tools = tools_pool.sample_tools(pool, knobs_dict(knobs)["num_tools"], rng)
+    out.append(TaskRequest(knobs, category, tools, int(rng.integers(2**31 - 1))))
+  return out
+
+
+def make_task(raw: Mapping[str, Any], *, category: str, tools: list[dict[str, Any]],
+              knobs: dict[str, int], seed: int, oracle: dict[str, Any] | None = None) -> Task:
+  """A Task from validated generator output; the id is stable in the seed and the content."""
+  digest = hashlib.sha1(json.dumps([category, raw], sort_keys=True).encode()).hexdigest()[:10]
+  return Task(
+      task_id=f"t{seed}-{digest}", category=category, tools=tools,
+      expected_tool_calls=list(raw["expected_tool_calls"]), user_intent=raw["user_intent"].strip(),
+      user_persona=raw["user_persona"].strip(), first_user_query=raw["first_user_query"].strip(),
+      hidden_facts=list(raw.get("hidden_facts", [])), initial_state=list(raw.get("initial_state", [])),
+      knobs=dict(knobs), system_prompt=system_prompts.system_prompt(knobs["system_prompt_level"], tools),
+      oracle=dict(oracle or {}))
+
+
+async def generate_batch(generator: Any, requests: Sequence[TaskRequest], *, rounds: int = 3,
+                         avoid_queries: Sequence[str] = ()) -> TaskBatch:
+  """Generates tasks concurrently with any object that has `async generate(knobs, tools,
+  category, seed)`. A task whose first query repeats an earlier one (or `avoid_queries`) is
+  regenerated with a new seed, up to `rounds` rounds. TaskGenerationError becomes a reported
+  failure; any other error (e.g. the simulator unreachable) propagates."""
+  seen = {normalise_query(q) for q in avoid_queries}
+  done: dict[int, Task] = {}
+  reasons: dict[int, str] = {}
+  pending = list(range(len(requests)))
+  for r in range(rounds):
+    outs = await asyncio.gather(
+        *(generator.generate(requests[i].knobs, requests[i].tools, requests[i].category,
+                             derive_seed(requests[i].seed, 1000 * r)) for i in pending),
+        return_exceptions=True)
+    for out in outs:
+      if isinstance(out, BaseException) and not isinstance(out, TaskGenerationError):
+        raise out
+    retry = []
+    for i, out in zip(pending, outs):
+      if isinstance(out, TaskGenerationError):
+        reasons[i] = str(out)
+      elif normalise_query(out.first_user_query) in seen:
+        reasons[i] = f"duplicate first query after {r + 1} round(s): {out.first_user_query[:80]!r}"
+        retry.append(i)
+      else:
+        seen.add(normalise_query(out.first_user_query))
+        done[i] = out
+        reasons.pop(i, None)
+    pending = retry
+    if not pending:
+      break
+  return TaskBatch(tasks=[done[i] for i in sorted(done)],
+                   failures=sorted((i, reasons[i]) for i in reasons))
+
+
+class TaskGenerator:
+  """Asks the frozen LM for tasks through `client.chat_json`, validating beyond the schema."""
+
+  def __init__(self, client: Any, cfg: Any = None):
+    self.client = client
+    self.cfg: TaskGenConfig = config_from(TaskGenConfig, cfg)
+    self._template = system_prompts.load_template("task_generation.jinja")
+
+  def prompt(self, knobs: dict[str, int], tools: list[dict[str, Any]], category: str) -> str:
+    cfg, n = self.cfg, knobs["num_expected_calls"]
+    clamp = lambda v: min(2, max(0, v))
+    return self._template.render(
+        category=category, tools_json=json.dumps(tools, indent=1, ensure_ascii=False),
+        min_calls=max(1, n - cfg.calls_slack), max_calls=max(1, n + cfg.calls_slack),
+        persona_level=clamp(knobs["persona_level"]), ambiguity_level=clamp(knobs["ambiguity_level"]),
+        turns_level=clamp(knobs["expected_turns"]), hidden_facts=cfg.hidden_facts,
+        initial_state=cfg.initial_state, max_facts=cfg.max_facts, max_state=cfg.max_state_entries)
+
+  async def generate(self, knobs: Any, tools: list[dict[str, Any]], category: str,
+                     seed: int) -> Task:
+    """One validated task; regenerated with new seeds up to `max_attempts` times, then
+    TaskGenerationError listing every attempt's problems."""
+    kn = knobs_dict(knobs)
+    names = [tools_pool.tool_name(t) for t in tools]
+    schema = task_schema(names, kn["num_expected_calls"], self.cfg)
+    messages = [{"role": "user", "content": self.prompt(kn, tools, category)}]
+    failures = []
+    for attempt in range(self.cfg.max_attempts):
+      s = derive_seed(seed, attempt)
+      raw = await self.client.chat_json(messages, schema, role="task", seed=s,
+                                        **sampling_kwargs(self.cfg))
+      problems = task_problems(raw, schema, names)
+      if not problems:
+        return make_task(raw, category=category, tools=tools, knobs=kn, seed=seed)
+      failures.append(f"attempt {attempt + 1} (seed {s}): {'; '.join(problems)}")
+    raise TaskGenerationError(f"no valid task for seed {seed} in category {category!r} after "
+                              f"{self.cfg.max_attempts} attempts:\n  " + "\n  ".join(failures))
+
+  async def generate_batch(self, requests: Sequence[TaskRequest], *,
+                           avoid_queries: Sequence[str] = ()) -> TaskBatch:
+    return await generate_batch(self, requests, rounds=self.cfg.batch_rounds,
+                                avoid_queries=avoid_queries)
