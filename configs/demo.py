@@ -1,0 +1,22 @@
+"""The README's demo: a few GRPO steps on a 2-core CPU in minutes.
+
+SmolLM2-135M is the policy and, through the embedded server the launcher starts and stops,
+the frozen simulator (task generator, user, tools, judge), with the shipped tool pool.
+"""
+from trustee_jax.default_config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.engine.update(num_slots=8, cache_len=1024)
+  c.simulator.update(num_slots=8, cache_len=2048, max_concurrency=8, timeout_s=300.0)
+  c.world.task.update(max_tokens=320, hidden_facts=False, initial_state=False)
+  c.world.user.update(max_tokens=96)
+  c.world.tools.update(max_tokens=96, max_result_chars=256)
+  c.world.judge.update(max_tokens=128, max_criteria=2)
+  c.rollout.update(group_size=4, max_turn_tokens=64, max_episode_tokens=1024)
+  c.train.update(steps=3, tasks_per_step=2, updates_per_step=1, micro_batch=4,
+                 length_buckets=(256, 512, 1024))
+  c.train.optimizer.update(learning_rate=1e-6)
+  c.checkpoint.update(every=1, keep=2)
+  return c

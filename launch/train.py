@@ -1,0 +1,43 @@
+"""Trains a policy with GRPO in the simulated world.
+
+  python launch/train.py --config configs/demo.py --workdir runs/demo [--config.train.steps=5]
+
+Reusing a workdir resumes from its newest complete checkpoint.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard logs and "
+                               "episodes go.", required=True)
+
+
+def main(argv):
+  del argv
+  from trustee_jax import train  # after flags: keeps --help fast
+  cfg = _CONFIG.value
+  workdir = pathlib.Path(_WORKDIR.value).absolute()
+  if cfg.simulator.mode == "embedded":
+    with cfg.unlocked():
+      cfg.simulator.log_dir = str(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  last = train.train(cfg, workdir)
+  print("\n== trustee-jax run finished ==")
+  for key in ("reward/mean", "reward/success_rate", "curriculum/level", "train/loss",
+              "train/kl_mean", "train/entropy_mean"):
+    if key in last:
+      print(f"  {key:24s} {last[key]:.4f}")
+  print(f"  checkpoints   {workdir / 'checkpoints'}")
+  print(f"  episodes      {workdir / 'episodes'}")
+  print(f"  TensorBoard   tensorboard --logdir {workdir / 'tb'}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

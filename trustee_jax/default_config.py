@@ -1,0 +1,49 @@
+"""The full default run config; configs/*.py start from it and change what differs."""
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.progress_bar = True
+  c.rollout_concurrency = 0  # episodes in flight (0: all)
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="smollm2", tokenizer="smollm2", dtype="float32", param_dtype="float32",
+      remat_policy="none"))
+  c.engine = ml_collections.ConfigDict(dict(num_slots=16, cache_len=2048, decode_chunk=8))
+
+  # The frozen LM world. mode: embedded (a server this run starts) | url (SGLang) | doubles.
+  c.simulator = ml_collections.ConfigDict(dict(
+      mode="embedded", urls=(), api_key="", model="smollm2", tokenizer="", port=8431,
+      num_slots=16, cache_len=4096, timeout_s=120.0, max_retries=3, max_concurrency=16,
+      startup_timeout_s=600.0, log_dir="."))
+  c.world = ml_collections.ConfigDict()
+  c.world.tool_pool = ""  # "" = the shipped pool; or a path (TRUSTEE's toolbench_tools.json)
+  c.world.lenient_pool = False
+  c.world.task = ml_collections.ConfigDict(dict(hidden_facts=True, initial_state=True,
+                                                max_attempts=3, max_tokens=1024, temperature=1.0))
+  c.world.user = ml_collections.ConfigDict(dict(max_tokens=384))
+  c.world.tools = ml_collections.ConfigDict(dict(schema_check=True, use_ledger=True,
+                                                 max_result_chars=512, max_parallel_calls=3,
+                                                 max_tokens=512))
+  c.world.judge = ml_collections.ConfigDict(dict(num_votes=1, max_criteria=5, max_tokens=512))
+
+  c.curriculum = ml_collections.ConfigDict(dict(mode="level"))
+  c.grpo = ml_collections.ConfigDict(dict(
+      single_survivor="zero", turn_mode="uniform", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
+      kl_beta=0.001, kl_type="low_var_kl", agg="token-mean"))
+  c.rollout = ml_collections.ConfigDict(dict(
+      group_size=8, max_turn_tokens=512, max_episode_tokens=4096, temperature=1.0, top_p=1.0,
+      top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,
+      length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 24576),
+      recompute_old_logprobs=False, logprob_chunk=8192))
+  c.train.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-6, schedule="constant", warmup_steps=0, total_updates=800,
+      weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3))
+  c.log = ml_collections.ConfigDict(dict(episodes_every=1, episodes_per_log=8))
+  return c

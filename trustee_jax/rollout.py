@@ -1,0 +1,270 @@
+"""Multi-turn agent episodes against the simulated world, as exact token sequences.
+
+Tokens are the truth: the policy's sampled ids enter the sequence as sampled (loss mask
+1, with their sampling logprobs); system, user and tool messages enter as chat-template
+fragments tokenized once when appended (mask 0). Text is decoded only to parse tool
+calls and to show the simulators the conversation; it is never re-encoded.
+"""
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from trustee_jax import chat as chat_lib
+from trustee_jax.sampling.engine import EngineError, SamplingParams
+from trustee_jax.simulator.client import SimulatorError
+from trustee_jax.simulator.tools import ToolLedger
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Sampling and budgets of policy turns (per-episode turn budgets come from the knobs)."""
+  group_size: int = 8
+  max_turn_tokens: int = 256
+  max_episode_tokens: int = 2048
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  enable_thinking: bool = False
+  max_parallel_calls: int = 3
+  invalid_call_penalty: float = 0.0  # format term per malformed or invalid tool call
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "RolloutConfig":
+    d = dict(d)
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclasses.dataclass
+class World:
+  """The simulated world's roles (LM-backed or the rule-based doubles)."""
+  user: Any  # async respond(task, messages, seed) -> UserReply
+  tools: Any  # async execute(task, ledger, calls, seed) -> list[ToolResult]
+  judge: Any  # async score(task, messages, num_criteria, seed) -> Judgement
+
+
+@dataclasses.dataclass
+class Episode:
+  """One finished episode: the token sequence, its masks and rewards, and what happened."""
+  task_index: int
+  episode_index: int
+  tokens: np.ndarray  # int32 [T]
+  loss_mask: np.ndarray  # int32 [T], 1 on policy-sampled tokens only
+  logprobs: np.ndarray  # f32 [T], sampling logprobs on masked tokens, 0 elsewhere
+  turn_rewards: np.ndarray  # f32 [T], the simulator reward of each policy token's turn
+  reward: float = 0.0
+  judge_score: int = 0
+  judge_reason: str = ""
+  messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  num_turns: int = 0
+  num_tool_calls: int = 0
+  num_invalid_calls: int = 0
+  termination: str = ""  # user_ended | budget_turns | budget_tokens | error
+  error: str | None = None
+
+
+@dataclasses.dataclass
+class RolloutResult:
+  episodes: list[Episode]  # surviving episodes of surviving groups
+  dropped_episodes: collections.Counter  # by cause
+  dropped_groups: int
+  sim_stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def derive_seed(*parts: int) -> int:
+  """A 31-bit seed from (seed, step, task, episode, turn, ...): resumable host randomness."""
+  digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _assistant_message(parsed, raw_text: str) -> dict[str, Any]:
+  msg: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+  if parsed.tool_calls:
+    msg["tool_calls"] = [{"id": c.id, "type": "function",
+                          "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                         for c in parsed.tool_calls]
+  if parsed.errors:
+    msg["malformed_tool_calls"] = [e.raw for e in parsed.errors]
+  if parsed.reasoning:
+    msg["reasoning_content"] = parsed.reasoning
+  return msg
+
+
+class _Builder:
+  """Accumulates one episode's token sequence with its masks."""
+
+  def __init__(self):
+    self.tokens: list[int] = []
+    self.mask: list[int] = []
+    self.logprobs: list[float] = []
+    self.turn_rewards: list[float] = []
+
+  def add(self, ids, mask: int = 0, logprobs=None) -> tuple[int, int]:
+    start = len(self.tokens)
+    self.tokens += list(ids)
+    self.mask += [mask] * len(ids)
+    self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+    self.turn_rewards += [0.0] * len(ids)
+    return start, len(self.tokens)
+
+  def set_turn_reward(self, span: tuple[int, int], reward: float) -> None:
+    for i in range(*span):
+      self.turn_rewards[i] = reward
+
+
+async def run_episode(task, task_index: int, episode_index: int, *, engine, chat, tokenizer,
+                      world: World, cfg: RolloutConfig, seed: int) -> Episode:
+  """Plays one episode to its end; raises SimulatorError/EngineError on infrastructure failure."""
+  knobs = task.knobs
+  tools = task.tools
+  eot = chat.end_of_turn_id
+  messages: list[dict[str, Any]] = [{"role": "system", "content": task.system_prompt},
+                                    {"role": "user", "content": task.first_user_query}]
+  seq = _Builder()
+  seq.add(chat.prompt_ids(messages, tools=tools, enable_thinking=cfg.enable_thinking))
+  ledger = ToolLedger.for_task(task)
+  ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
+  user_turns = assistant_turns = tool_turns = 0
+  turn = 0
+  while True:
+    if assistant_turns >= knobs["max_assistant_turns"]:
+      ep.termination = "budget_turns"
+      break
+    budget = min(cfg.max_turn_tokens, cfg.max_episode_tokens - len(seq.tokens) - 1)
+    if budget <= 0:
+      ep.termination = "budget_tokens"
+      break
+    turn += 1
+    comp = await engine.agenerate(seq.tokens, SamplingParams(
+        max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        seed=derive_seed(seed, turn), stop_token_ids=(eot,)))
+    span = seq.add(comp.tokens, mask=1, logprobs=comp.logprobs)
+    if comp.tokens[-1] != eot:  # cut by the budget: close the turn, not trained on
+      seq.add([eot])
+    assistant_turns += 1
+    text = tokenizer.decode([t for t in comp.tokens if t != eot])
+    parsed = chat_lib.parse_output(text)
+    messages.append(_assistant_message(parsed, text))
+    if parsed.tool_calls or parsed.errors:
+      tool_turns += 1
+      new_msgs, rewards = [], []
+      calls = parsed.tool_calls[:cfg.max_parallel_calls]
+      for err in parsed.errors:
+        ep.num_invalid_calls += 1
+        new_msgs.append({"role": "tool", "content": f"Error: malformed tool call ({err.reason})"})
+        rewards.append(-1.0)
+      ep.num_invalid_calls += sum(chat_lib.validate_call(c, tools) is not None for c in calls)
+      ep.num_tool_calls += len(calls)
+      if calls:
+        results = await world.tools.execute(task, ledger, calls, derive_seed(seed, turn, 1))
+        for call, res in zip(calls, results):
+          new_msgs.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
+                           "content": res.content})
+          rewards.append(float(res.reward))
+      seq.set_turn_reward(span, float(np.mean(rewards)))
+      history = list(messages)
+      messages += new_msgs
+      if tool_turns > knobs["max_tool_turns"]:
+        ep.termination = "budget_turns"
+        break
+    else:
+      if user_turns >= knobs["max_user_turns"]:
+        ep.termination = "budget_turns"
+        break
+      reply = await world.user.respond(task, messages, derive_seed(seed, turn, 2))
+      seq.set_turn_reward(span, float(reply.reward))
+      user_turns += 1
+      if reply.ended:
+        ep.termination = "user_ended"
+        break
+      history = list(messages)
+      new_msgs = [{"role": "user", "content": reply.response}]
+      messages += new_msgs
+    cont = chat.continuation_ids(history, new_msgs, tools=tools,
+                                 enable_thinking=cfg.enable_thinking)
+    if len(seq.tokens) + len(cont) >= cfg.max_episode_tokens:
+      ep.termination = "budget_tokens"
+      break
+    seq.add(cont)
+  judgement = await world.judge.score(task, messages, knobs["num_criteria"],
+                                      derive_seed(seed, 0, 3))
+  ep.tokens = np.asarray(seq.tokens, np.int32)
+  ep.loss_mask = np.asarray(seq.mask, np.int32)
+  ep.logprobs = np.asarray(seq.logprobs, np.float32)
+  ep.turn_rewards = np.asarray(seq.turn_rewards, np.float32)
+  ep.judge_score, ep.judge_reason = int(judgement.score), judgement.reason
+  ep.reward = float(judgement.score) - cfg.invalid_call_penalty * ep.num_invalid_calls
+  ep.messages, ep.num_turns = messages, assistant_turns
+  return ep
+
+
+async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: RolloutConfig,
+                       seed: int, step: int, max_concurrent: int = 0) -> RolloutResult:
+  """Runs len(tasks) x group_size episodes concurrently; drops failed episodes and groups.
+
+  max_concurrent bounds the episodes in flight (0: all at once; 1: one after another, which
+  also makes the engine's batch shapes, and so its float results, independent of timing).
+  """
+  limit = asyncio.Semaphore(max_concurrent or len(tasks) * cfg.group_size or 1)
+
+  async def guarded(t, g):
+    try:
+      async with limit:
+        return await run_episode(tasks[t], t, g, engine=engine, chat=chat, tokenizer=tokenizer,
+                                 world=world, cfg=cfg, seed=derive_seed(seed, step, t, g))
+    except SimulatorError as e:
+      return ("simulator_" + getattr(e, "cause", "error"), str(e))
+    except EngineError as e:
+      return ("engine", str(e))
+
+  coros = [guarded(t, g) for t in range(len(tasks)) for g in range(cfg.group_size)]
+  results = await asyncio.gather(*coros)
+  dropped: collections.Counter = collections.Counter()
+  by_task: dict[int, list[Episode]] = collections.defaultdict(list)
+  for r in results:
+    if isinstance(r, Episode):
+      by_task[r.task_index].append(r)
+    else:
+      dropped[r[0]] += 1
+  episodes, dropped_groups = [], 0
+  for t in range(len(tasks)):
+    group = by_task.get(t, [])
+    if len(group) < 2:
+      dropped_groups += 1
+      dropped["group_too_small"] += len(group)
+      continue
+    episodes += group
+  return RolloutResult(episodes, dropped, dropped_groups)
+
+
+def pad_to_bucket(length: int, buckets: tuple[int, ...]) -> int:
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def to_arrays(episodes: list[Episode], buckets: tuple[int, ...], pad_id: int = 0
+              ) -> dict[str, np.ndarray]:
+  """Right-padded batch arrays for the update; the length is bucketed to bound compiles."""
+  width = pad_to_bucket(max(len(e.tokens) for e in episodes), buckets)
+  n = len(episodes)
+  out = {"tokens": np.full((n, width), pad_id, np.int32),
+         "positions": np.full((n, width), -1, np.int32),
+         "loss_mask": np.zeros((n, width), np.float32),
+         "old_logprobs": np.zeros((n, width), np.float32),
+         "turn_rewards": np.zeros((n, width), np.float32)}
+  for i, e in enumerate(episodes):
+    t = len(e.tokens)
+    out["tokens"][i, :t] = e.tokens
+    out["positions"][i, :t] = np.arange(t)
+    out["loss_mask"][i, :t] = e.loss_mask
+    out["old_logprobs"][i, :t] = e.logprobs
+    out["turn_rewards"][i, :t] = e.turn_rewards
+  out["rewards"] = np.asarray([e.reward for e in episodes], np.float32)
+  out["group_ids"] = np.asarray([e.task_index for e in episodes], np.int32)
+  return out

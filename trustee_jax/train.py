@@ -1,0 +1,225 @@
+"""The training loop: curriculum knobs -> tasks -> rollouts -> GRPO updates -> logs -> checkpoint.
+
+Host randomness derives from the config seed by folding in step, task, episode and turn,
+so the checkpoint (params, optimizer, curriculum, step) is all a resumed run needs.
+"""
+import asyncio
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from trustee_jax import curriculum as cur
+from trustee_jax import grpo, rollout, update
+from trustee_jax.checkpoint import Checkpointer, abstract_like
+from trustee_jax.chat import ChatFormat
+from trustee_jax.models import model_configs, tokenizer as tok_lib, weights
+from trustee_jax.models.transformer import create_model
+from trustee_jax.sampling.engine import Engine
+from trustee_jax.train_logging import RunLogger
+from trustee_jax.world import build_world
+
+
+def load_policy(cfg) -> tuple[Any, Any]:
+  """(model, tokenizer) from `cfg.model.name`: "smollm2" (the packaged GGUF), a Hugging Face
+  directory, or a named random config (then `cfg.model.tokenizer` names the tokenizer)."""
+  name = cfg.model.name
+  overrides = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy")
+               if k in cfg.model}
+  if name == "smollm2":
+    model, tokenizer = weights.load_gguf(), tok_lib.load_tokenizer("smollm2")
+  elif pathlib.Path(name).is_dir():
+    model, tokenizer = weights.load_hf(name), tok_lib.load_tokenizer(name)
+  else:
+    mcfg = model_configs.get_model_config(name, **overrides)
+    return create_model(mcfg, seed=cfg.seed), tok_lib.load_tokenizer(cfg.model.tokenizer)
+  model.cfg = model.cfg.replace(**overrides)
+  return model, tokenizer
+
+
+def model_meta(model) -> dict[str, Any]:
+  return {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
+          for k, v in dataclasses.asdict(model.cfg).items()
+          if k not in ("dtype", "remat_policy", "name")}
+
+
+class Trainer:
+  """Owns the policy, its engine, the world, the optimizer and the run's files."""
+
+  def __init__(self, cfg, workdir: str | pathlib.Path, world=None):
+    self.cfg = cfg
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.model, self.tokenizer = load_policy(cfg)
+    self.chat = ChatFormat(self.tokenizer)
+    self.graphdef, params = nnx.split(self.model)
+    t = cfg.train
+    self.grpo_cfg = grpo.GRPOConfig.from_dict(cfg.grpo)
+    self.cur_cfg = cur.CurriculumConfig.from_dict(cfg.curriculum)
+    self.rollout_cfg = rollout.RolloutConfig.from_dict(cfg.rollout)
+    self.optimizer = update.build_optimizer(t.optimizer)
+    self.update_fn = update.make_update_fn(
+        self.graphdef, self.optimizer, self.grpo_cfg, micro_batch=t.micro_batch,
+        temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
+    self.logprob_fn = update.make_logprob_fn(
+        self.graphdef, temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
+    self.ref_params = params if self.grpo_cfg.kl_beta > 0 else None
+    self.state = {"params": params, "opt_state": self.optimizer.init(params),
+                  "curriculum": cur.init_state(self.cur_cfg),
+                  "step": jnp.zeros((), jnp.int32)}
+    self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+    self.meta = {"model_config": model_meta(self.model), "config": cfg.to_json_best_effort()}
+    self.start_step = self._maybe_restore()
+    self.engine = Engine(nnx.merge(self.graphdef, self.state["params"]),
+                         num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
+                         decode_chunk=cfg.engine.decode_chunk,
+                         decode_fn=self.tokenizer.decode)
+    self.world = world
+    self.log = RunLogger(self.workdir, purge_step=self.start_step + 1 if self.start_step else None)
+
+  def _maybe_restore(self) -> int:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return 0
+    restored, _ = self.ckpt.restore(step, abstract_like(self.state), self.meta)
+    self.state = restored
+    return int(step)
+
+  # ---- one step ------------------------------------------------------------------------
+
+  async def _tasks(self, step: int):
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, self.cfg.train.tasks_per_step)
+    return await self.world.make_tasks(knobs.unbatch(), rollout.derive_seed(self.cfg.seed, step))
+
+  def _advantages(self, arrays) -> np.ndarray:
+    n = len(arrays["rewards"])
+    return np.asarray(grpo.group_advantages(
+        jnp.asarray(arrays["rewards"]), jnp.asarray(arrays["group_ids"]), jnp.ones(n, bool),
+        self.grpo_cfg, num_groups=self.cfg.train.tasks_per_step))
+
+  def _minibatches(self, episodes: list[rollout.Episode]) -> list[list[int]]:
+    """Episode indices per optimizer update: whole groups, `updates_per_step` parts."""
+    groups = sorted({e.task_index for e in episodes})
+    parts = np.array_split(np.asarray(groups), min(self.cfg.train.updates_per_step, len(groups)))
+    return [[i for i, e in enumerate(episodes) if e.task_index in set(p.tolist())]
+            for p in parts]
+
+  def _pad_rows(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pads the episode count to a multiple of micro_batch with all-masked rows."""
+    mb = self.cfg.train.micro_batch
+    n = len(arrays["tokens"])
+    extra = (-n) % mb
+    if not extra:
+      return arrays
+    return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype) if k != "positions"
+                               else np.full((extra,) + v.shape[1:], -1, v.dtype)])
+            for k, v in arrays.items()}
+
+  def _update(self, episodes: list[rollout.Episode]) -> dict[str, float]:
+    metrics: list[dict[str, float]] = []
+    for idx in self._minibatches(episodes):
+      arrays = rollout.to_arrays([episodes[i] for i in idx], tuple(self.cfg.train.length_buckets))
+      arrays["advantages"] = self._advantages(arrays)
+      arrays = self._pad_rows({k: v for k, v in arrays.items()
+                               if k not in ("rewards", "group_ids")})
+      batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+      if self.cfg.train.recompute_old_logprobs:
+        sampled = batch["old_logprobs"][:, 1:]
+        recomputed = self.logprob_fn(self.state["params"], batch["tokens"], batch["positions"])
+        gap = jnp.sum(jnp.abs(recomputed - sampled) * batch["loss_mask"][:, 1:])
+        batch["old_logprobs"] = batch["old_logprobs"].at[:, 1:].set(recomputed)
+      else:
+        gap = None
+      if self.ref_params is not None:
+        ref = self.logprob_fn(self.ref_params, batch["tokens"], batch["positions"])
+        batch["ref_logprobs"] = jnp.pad(ref, ((0, 0), (1, 0)))
+      params, opt_state, m = self.update_fn(self.state["params"], self.state["opt_state"], batch)
+      self.state["params"], self.state["opt_state"] = params, opt_state
+      m = {k: float(v) for k, v in m.items()}
+      if gap is not None:
+        m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
+      metrics.append(m)
+    self.engine.update_params(self.state["params"])
+    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+  async def train_step(self, step: int) -> dict[str, Any]:
+    times = {}
+    t0 = time.perf_counter()
+    tasks = await self._tasks(step)
+    times["time/tasks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = await rollout.run_rollouts(
+        tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
+        cfg=self.rollout_cfg, seed=self.cfg.seed, step=step,
+        max_concurrent=self.cfg.rollout_concurrency)
+    times["time/rollout"] = time.perf_counter() - t0
+    scalars: dict[str, float] = dict(times)
+    rewards = np.asarray([e.reward for e in result.episodes], np.float32)
+    if result.episodes:
+      t0 = time.perf_counter()
+      scalars.update({f"train/{k}": v for k, v in self._update(result.episodes).items()})
+      times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
+      self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
+                                            jnp.asarray(rewards))
+    else:
+      scalars["train/skipped_no_episodes"] = 1.0
+    self.state["step"] = jnp.asarray(step, jnp.int32)
+    scalars.update(self.log.episode_scalars(result, rewards, tasks))
+    scalars["curriculum/level"] = float(np.mean(np.asarray(self.state["curriculum"].level)))
+    scalars.update(self.world.stats())
+    return {"scalars": scalars, "result": result, "tasks": tasks}
+
+  # ---- the loop ------------------------------------------------------------------------
+
+  async def run(self) -> dict[str, Any]:
+    cfg = self.cfg
+    last = {}
+    bar = tqdm.tqdm(range(self.start_step + 1, cfg.train.steps + 1), desc="train",
+                    initial=self.start_step, total=cfg.train.steps, disable=not cfg.progress_bar)
+    for step in bar:
+      out = await self.train_step(step)
+      scalars = out["scalars"]
+      if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+        t0 = time.perf_counter()
+        self.ckpt.save(step, self.state, self.meta)
+        scalars["time/checkpoint"] = time.perf_counter() - t0
+      self.log.scalars(step, scalars)
+      if cfg.log.episodes_every and step % cfg.log.episodes_every == 0:
+        self.log.episodes(step, out["result"].episodes[:cfg.log.episodes_per_log], out["tasks"],
+                          scalars["curriculum/level"])
+      bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.2f}",
+                      level=f"{scalars['curriculum/level']:.0f}")
+      last = scalars
+    self.log.flush()
+    return last
+
+  def close(self) -> None:
+    self.engine.close()
+    self.ckpt.close()
+    self.log.close()
+
+
+def train(cfg, workdir: str | pathlib.Path, world=None) -> dict[str, Any]:
+  """Runs (or resumes) training in `workdir`; returns the last step's scalars."""
+  async def main():
+    w = world if world is not None else await build_world(cfg)
+    trainer = Trainer(cfg, workdir, world=w)
+    try:
+      return await trainer.run()
+    finally:
+      trainer.close()
+      if world is None:
+        await w.aclose()
+  return asyncio.run(main())
+
+
+def config_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), default=str, sort_keys=True)

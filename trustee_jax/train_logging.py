@@ -1,0 +1,91 @@
+"""What a run writes for people: TensorBoard scalars (tensorboardX) and readable episodes."""
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+def _mean(xs) -> float:
+  return float(np.mean(xs)) if len(xs) else 0.0
+
+
+class RunLogger:
+  """TensorBoard under workdir/tb; whole episodes under workdir/episodes/step_N.jsonl.
+
+  A resumed run passes purge_step (the first step it will write) so the curves of steps
+  after the checkpoint, written by the killed run, are purged rather than doubled.
+  """
+
+  def __init__(self, workdir: pathlib.Path, purge_step: int | None = None):
+    self.workdir = pathlib.Path(workdir)
+    (self.workdir / "episodes").mkdir(parents=True, exist_ok=True)
+    self.writer = SummaryWriter(str(self.workdir / "tb"), purge_step=purge_step)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    for k, v in values.items():
+      if v is not None and np.isfinite(v):
+        self.writer.add_scalar(k, float(v), step)
+
+  @staticmethod
+  def episode_scalars(result, rewards: np.ndarray, tasks) -> dict[str, float]:
+    """Reward, success, lengths, turns, tool calls, drops and the mean knobs of the batch."""
+    eps = result.episodes
+    out = {"reward/mean": _mean(rewards), "reward/std": float(np.std(rewards)) if len(eps) else 0.0,
+           "reward/success_rate": _mean([e.judge_score == 1 for e in eps]),
+           "episodes/count": float(len(eps)),
+           "episodes/response_tokens": _mean([e.loss_mask.sum() for e in eps]),
+           "episodes/sequence_tokens": _mean([len(e.tokens) for e in eps]),
+           "episodes/turns": _mean([e.num_turns for e in eps]),
+           "episodes/tool_calls": _mean([e.num_tool_calls for e in eps]),
+           "episodes/invalid_tool_calls": _mean([e.num_invalid_calls for e in eps]),
+           "episodes/dropped_groups": float(result.dropped_groups),
+           "episodes/dropped": float(sum(result.dropped_episodes.values()))}
+    for cause, n in result.dropped_episodes.items():
+      out[f"episodes/dropped_{cause}"] = float(n)
+    for term in ("user_ended", "budget_turns", "budget_tokens"):
+      out[f"episodes/end_{term}"] = _mean([e.termination == term for e in eps])
+    groups: dict[int, list[float]] = {}
+    for e in eps:
+      groups.setdefault(e.task_index, []).append(e.reward)
+    if groups:
+      out["reward/group_std"] = _mean([np.std(g) for g in groups.values()])
+      out["reward/zero_variance_groups"] = _mean([np.std(g) == 0 for g in groups.values()])
+    for key in (tasks[0].knobs if tasks else {}):
+      out[f"knobs/{key}"] = _mean([t.knobs[key] for t in tasks])
+    return out
+
+  def episodes(self, step: int, episodes, tasks, level: float) -> None:
+    """Whole episodes (task, conversation, rewards, the judge's reason) as JSONL and text."""
+    path = self.workdir / "episodes" / f"step_{step}.jsonl"
+    lines = []
+    for e in episodes:
+      task = tasks[e.task_index]
+      rec = {"step": step, "difficulty_level": level, "task": dataclasses.asdict(task),
+             "episode": e.episode_index, "messages": e.messages, "reward": e.reward,
+             "judge_score": e.judge_score, "judge_reason": e.judge_reason,
+             "termination": e.termination, "tool_calls": e.num_tool_calls,
+             "invalid_tool_calls": e.num_invalid_calls,
+             "turn_rewards": sorted(set(float(r) for r in e.turn_rewards[e.loss_mask > 0]))}
+      lines.append(json.dumps(rec, default=str))
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    if lines:
+      text = "\n\n".join("```json\n" + json.dumps(json.loads(l), indent=1, default=str)[:6000]
+                         + "\n```" for l in lines[:2])
+      self.writer.add_text("episodes", text, step)
+
+  def flush(self) -> None:
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+def scalar_steps(tb_dir: str | pathlib.Path, tag: str) -> list[int]:
+  """Steps at which `tag` was written (read back with tensorboard's event reader)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+  acc.Reload()
+  return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []

@@ -1,0 +1,112 @@
+"""Builds the simulated world a run trains in: the frozen LM behind a URL (SGLang or the
+embedded server, started here as a child process that dies with us), or the rule-based doubles."""
+import asyncio
+import collections
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from trustee_jax.rollout import World
+from trustee_jax.simulator import doubles, judge, tasks, tools, tools_pool, user
+from trustee_jax.simulator.client import ClientConfig, SimulatorClient
+
+LAUNCHER = pathlib.Path(__file__).resolve().parent.parent / "launch" / "serve_simulator.py"
+
+
+class SimWorld(World):
+  """The roles plus task generation, simulator counters, and clean shutdown."""
+
+  def __init__(self, generator, user_sim, tool_sim, judge_sim, pool, *, client=None,
+               server: subprocess.Popen | None = None):
+    super().__init__(user=user_sim, tools=tool_sim, judge=judge_sim)
+    self.generator, self.pool, self.client, self.server = generator, pool, client, server
+    self.counters: collections.Counter = collections.Counter()
+
+  async def make_tasks(self, knobs_list, seed: int) -> list[tasks.Task]:
+    """One task per knobs, tools sampled from the pool; failures are counted, never padded."""
+    requests = tasks.sample_requests(self.pool, knobs_list, np.random.default_rng(seed))
+    batch = await self.generator.generate_batch(requests)
+    self.counters["tasks/failed"] += len(batch.failures)
+    self.counters["tasks/generated"] += len(batch.tasks)
+    return batch.tasks
+
+  def stats(self) -> dict[str, float]:
+    out = {f"world/{k}": float(v) for k, v in self.counters.items()}
+    if self.client is not None:
+      out.update({f"simulator/{k}": float(v) for k, v in self.client.stats().items()})
+    return out
+
+  async def aclose(self) -> None:
+    if self.client is not None:
+      await self.client.aclose()
+    stop_server(self.server)
+
+
+def start_embedded_server(sim_cfg) -> tuple[str, subprocess.Popen]:
+  """Starts launch/serve_simulator.py on 127.0.0.1; it gets SIGTERM if this process dies."""
+  port = int(sim_cfg.port)
+  cmd = [sys.executable, str(LAUNCHER), f"--model={sim_cfg.model}", "--host=127.0.0.1",
+         f"--port={port}", f"--num_slots={sim_cfg.num_slots}", f"--cache_len={sim_cfg.cache_len}",
+         f"--parent_pid={os.getpid()}"]
+  if sim_cfg.get("tokenizer"):
+    cmd.append(f"--tokenizer={sim_cfg.tokenizer}")
+  log = open(pathlib.Path(sim_cfg.get("log_dir", ".")) / "simulator_server.log", "ab")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + float(sim_cfg.get("startup_timeout_s", 600))
+  while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"embedded simulator server exited with {proc.returncode} during "
+                         f"start-up; see {log.name}")
+    try:
+      if httpx.get(url + "/health", timeout=2).status_code == 200:
+        return url, proc
+    except httpx.HTTPError:
+      pass
+    time.sleep(1.0)
+  stop_server(proc)
+  raise TimeoutError(f"embedded simulator server not healthy at {url} after start-up timeout")
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+  if proc is None or proc.poll() is not None:
+    return
+  proc.send_signal(signal.SIGTERM)
+  try:
+    proc.wait(timeout=30)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+
+
+async def build_world(cfg) -> SimWorld:
+  """The world named by `cfg.simulator.mode`: "doubles", "embedded" or "url"."""
+  sim = cfg.simulator
+  if sim.mode == "doubles":
+    return SimWorld(doubles.TaskGeneratorDouble(), doubles.UserDouble(),
+                    doubles.ToolDouble(cfg.rollout.max_parallel_calls), doubles.JudgeDouble(),
+                    doubles.double_pool())
+  server = None
+  if sim.mode == "embedded":
+    url, server = await asyncio.to_thread(start_embedded_server, sim)
+    urls = (url,)
+  elif sim.mode == "url":
+    urls = tuple(sim.urls)
+  else:
+    raise ValueError(f"unknown simulator.mode {sim.mode!r}: doubles | embedded | url")
+  client = SimulatorClient(ClientConfig(
+      urls=urls, api_key=sim.get("api_key") or None, timeout_s=sim.timeout_s,
+      max_retries=sim.max_retries, max_concurrency=sim.max_concurrency))
+  w = cfg.world
+  pool = (tools_pool.load_pool(w.tool_pool, lenient=w.get("lenient_pool", False))
+          if w.get("tool_pool") else tools_pool.load_shipped_pool())
+  roles = (tasks.TaskGenerator(client, w.task.to_dict()), user.UserSimulator(client, w.user.to_dict()),
+           tools.ToolSimulator(client, w.tools.to_dict()), judge.Judge(client, w.judge.to_dict()))
+  return SimWorld(*roles, pool, client=client, server=server)
