@@ -266,6 +266,8 @@ class SimulatorClient:
                           f"({type(e).__name__})") from e
     except httpx.TransportError as e:  # refused, reset, or closed without a reply
       raise _AttemptError("connect", f"{type(e).__name__}: {e}") from e
+    except httpx.RequestError as e:  # an undecodable body, a redirect loop
+      raise _AttemptError("bad_response", f"{type(e).__name__}: {e}") from e
     status = resp.status_code
     if status == 429:
       raise _AttemptError("http_429", f"429: {error_message(resp.text)}",
