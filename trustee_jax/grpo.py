@@ -333,8 +333,7 @@ def _token_stats_bwd(inv_t, chunk, res, cts):
   vocab = w.shape[1]
   chunk = min(chunk, vocab)
 
-  def body(carry, xs):
-    dh, dw = carry
+  def body(dh, xs):
     start, first = xs
     logits, cols, own = _chunk_logits(h, w, start, first, chunk, inv_t)
     p = jnp.where(own, jnp.exp(logits - lse[:, None]), 0.0)
@@ -343,13 +342,15 @@ def _token_stats_bwd(inv_t, chunk, res, cts):
     dl = dl * inv_t
     wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
     dh = dh + jnp.dot(dl, wc.T.astype(jnp.float32))
-    dwc = jnp.dot(h.T.astype(jnp.float32), dl)
-    old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
-    return (dh, jax.lax.dynamic_update_slice_in_dim(dw, old + dwc, start, axis=1)), None
+    return dh, jnp.dot(h.T.astype(jnp.float32), dl).astype(w.dtype)
 
-  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
-  (dh, dw), _ = jax.lax.scan(body, init, _chunk_starts(vocab, chunk))
-  return dh.astype(h.dtype), dw.astype(w.dtype), None
+  starts = _chunk_starts(vocab, chunk)
+  dh, dw_chunks = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), starts)
+  # Chunk i wrote columns [i*C, (i+1)*C); the last one [V-C, V), of which it owns the tail.
+  n = dw_chunks.shape[0]
+  head = jnp.moveaxis(dw_chunks[:-1], 0, 1).reshape(w.shape[0], (n - 1) * chunk)
+  dw = jnp.concatenate([head, dw_chunks[-1][:, n * chunk - vocab:]], axis=1)
+  return dh.astype(h.dtype), dw, None
 
 
 _token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
