@@ -148,3 +148,67 @@ def test_sample_tools_takes_toolsets_until_enough():
   assert len(names) == len(set(names))  # getPetById appears in two toolsets, sampled once
   with pytest.raises(ValueError):
     tp.sample_tools(pool, 0, np.random.default_rng(0))
+
+
+def _builder():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent.parent / "launch" / "build_tool_pool.py"
+  spec = importlib.util.spec_from_file_location("build_tool_pool", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _param(name, kind="string", required=True, enum=()):
+  return {"name": name, "type": kind, "description": f"The {name} value.", "required": required,
+          "enum": list(enum)}
+
+
+def test_build_tool_pool_validates_deduplicates_and_reports(tmp_path):
+  import asyncio
+
+  from trustee_jax.simulator.client import SimulatorError
+  from trustee_jax.simulator.doubles import ScriptedClient
+  build = _builder()
+
+  def lm(req):
+    key = next(iter(req.schema["properties"]))
+    if key == "categories":
+      return {"categories": [{"description": "Cooking at home.", "name": "Cooking"},
+                             {"description": "Duplicate by case.", "name": "cooking"}]}
+    if key == "toolsets":
+      return {"toolsets": [{"description": "Recipe search service.", "name": "Recipes"},
+                           {"description": "Groceries delivered.", "name": "Groceries"}]}
+    if "Groceries" in req.prompt:
+      raise SimulatorError("http://x", "invalid_output", "no valid output")
+    return {"tools": [
+        {"description": "Find recipes by ingredient.", "name": "find_recipes", "parameters": [
+            _param("ingredient"), _param("diet", enum=["vegan", "none", "vegan"]),
+            _param("max_minutes", "integer", False, enum=["ignored"])]},
+        {"description": "Same name again, dropped.", "name": "find_recipes", "parameters": []}]}
+
+  client = ScriptedClient(lm)
+  pool, report = asyncio.run(build.build_pool(
+      client, num_categories=2, toolsets_per_category=2, tools_per_toolset=2, seed=3,
+      temperature=0.5))
+  assert list(pool) == ["Cooking"] and list(pool["Cooking"]) == ["Recipes"]
+  (entry,) = pool["Cooking"]["Recipes"]
+  params = entry["function"]["parameters"]
+  assert params["required"] == ["ingredient", "diet"]
+  assert params["properties"]["diet"]["enum"] == ["vegan", "none"]
+  assert "enum" not in params["properties"]["max_minutes"]
+  assert entry["toolset_name"] == "Recipes" and entry["category"] == "Cooking"
+  text = "\n".join(report)
+  assert "duplicate category 'cooking'" in text
+  assert "Cooking/Recipes/find_recipes: duplicate tool name" in text
+  assert "dropped toolset Cooking/Groceries" in text and "invalid_output" in text
+  seeds = [r.kwargs["seed"] for r in client.requests]
+  assert len(set(seeds)) == len(seeds) and all(r.kwargs["temperature"] == 0.5
+                                               for r in client.requests)
+  for schema in (build.category_schema(2), build.toolset_schema(2), build.tools_schema(2)):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["x-guidance"] == {"whitespace_flexible": False}
+  out = tmp_path / "pool.json"
+  out.write_text(json.dumps(pool))
+  assert tp.load_pool(out) == pool
