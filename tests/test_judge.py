@@ -1,6 +1,5 @@
 """Judge: exact trajectory rendering, injection resistance (with a positive control), score rules."""
 import asyncio
-import dataclasses
 import json
 import re
 

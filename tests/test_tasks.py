@@ -143,8 +143,11 @@ def test_task_round_trips_through_json():
       Knobs(), TOOLS, "Shop", seed=3))
   back = tl.Task.from_dict(json.loads(json.dumps(task.to_dict())))
   assert back == task
-  with pytest.raises(ValueError, match="unknown Task fields"):
+  with pytest.raises(ValueError, match=r"unknown fields \['extra'\]"):
     tl.Task.from_dict({**task.to_dict(), "extra": 1})
+  partial = {k: v for k, v in task.to_dict().items() if k not in ("user_intent", "oracle")}
+  with pytest.raises(ValueError, match=r"missing \['user_intent'\]"):
+    tl.Task.from_dict(partial)
 
 
 def test_knobs_from_objects_mappings_and_errors():

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from trustee_jax.simulator import system_prompts
+from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.tasks import Task, config_from, derive_seed, sampling_kwargs
 
 CRITERIA = (
@@ -140,7 +141,7 @@ class Judge:
 
   def prompt(self, task: Task, messages: list[dict[str, Any]], num_criteria: int) -> str:
     return self._template.render(
-        task=task, tools_json=json.dumps(task.tools, indent=1, ensure_ascii=False),
+        task=task, tools_json=tools_pool.tools_text(task.tools),
         trajectory=render_trajectory(messages), criteria=CRITERIA[:num_criteria])
 
   async def _vote(self, prompt: str, schema: dict, seed: int) -> tuple[int, str]:

@@ -52,11 +52,13 @@ class Task:
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> "Task":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-      raise ValueError(f"unknown Task fields: {sorted(unknown)}")
-    return cls(**{k: v for k, v in data.items()})
+    fields = dataclasses.fields(cls)
+    unknown = set(data) - {f.name for f in fields}
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if unknown or missing:
+      raise ValueError(f"bad Task dict: unknown fields {sorted(unknown)}, missing {missing}")
+    return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +288,7 @@ class TaskGenerator:
     cfg, n = self.cfg, knobs["num_expected_calls"]
     clamp = lambda v: min(2, max(0, v))
     return self._template.render(
-        category=category, tools_json=json.dumps(tools, indent=1, ensure_ascii=False),
+        category=category, tools_json=tools_pool.tools_text(tools),
         min_calls=max(1, n - cfg.calls_slack), max_calls=max(1, n + cfg.calls_slack),
         persona_level=clamp(knobs["persona_level"]), ambiguity_level=clamp(knobs["ambiguity_level"]),
         turns_level=clamp(knobs["expected_turns"]), hidden_facts=cfg.hidden_facts,

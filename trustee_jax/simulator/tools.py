@@ -7,7 +7,6 @@ call sees the first one's effect. Pre-check and ledger are switches (off = the r
 """
 import asyncio
 import dataclasses
-import json
 from typing import Any
 
 import jsonschema
@@ -15,7 +14,7 @@ import jsonschema
 from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator import tools_pool
-from trustee_jax.simulator.judge import escaped_line, render_data, render_trajectory
+from trustee_jax.simulator.judge import render_data, render_trajectory
 from trustee_jax.simulator.tasks import Task, config_from, derive_seed, sampling_kwargs
 
 TRUNCATED = "...(truncated)"
@@ -163,7 +162,7 @@ class ToolSimulator:
     if self.cfg.show_conversation and messages is None:
       raise ValueError("show_conversation is on but execute() got no messages")
     return self._template.render(
-        task=task, tools_json=json.dumps(task.tools, indent=1, ensure_ascii=False),
+        task=task, tools_json=tools_pool.tools_text(task.tools),
         ledger=ledger.render() if self.cfg.use_ledger and ledger.entries else "",
         conversation=render_trajectory(messages) if self.cfg.show_conversation else "",
         call=render_data("call", [{"name": call.name, "arguments": call.arguments}]))

@@ -47,6 +47,11 @@ def tool_spec(entry: dict[str, Any]) -> dict[str, Any]:
                                            if k not in METADATA_KEYS}}
 
 
+def tools_text(tools: list[dict[str, Any]]) -> str:
+  """Tools for a prompt: one compact JSON function per line (fewer tokens than indented JSON)."""
+  return "\n".join(json.dumps(function_of(t), ensure_ascii=False) for t in tools)
+
+
 def tool_problems(entry: Any, *, strict: bool) -> list[str]:
   """What is wrong with one entry (empty when valid). Strict adds name style and `required` checks."""
   if not isinstance(entry, dict):
