@@ -2,11 +2,12 @@
 import json
 import pathlib
 
+import gguf
 import pytest
 import tokenizers
 
 from trustee_jax.models import packaged
-from trustee_jax.models.tokenizer import Tokenizer, load_tokenizer
+from trustee_jax.models.tokenizer import Tokenizer, load_tokenizer, read_gguf_tokenizer_metadata
 
 TEXTS = [
     "Hello world! 12345 + 67.8 = x",
@@ -68,6 +69,26 @@ def test_smollm2_matches_transformers_gguf_conversion(smollm2):
   reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
     assert smollm2.encode(text) == reference.encode(text, add_special_tokens=False)
+  assert smollm2.chat_template == reference.chat_template
+  assert (smollm2.hf.bos_token, smollm2.hf.eos_token, smollm2.hf.pad_token, smollm2.hf.unk_token) == (
+      reference.bos_token, reference.eos_token, reference.pad_token, reference.unk_token)
+
+
+def test_gguf_metadata_reader_matches_gguf_package():
+  reader = gguf.GGUFReader(str(packaged.smollm2_gguf_path()))
+  expected = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+  assert read_gguf_tokenizer_metadata(packaged.smollm2_gguf_path()) == expected
+
+
+def test_truncated_gguf_is_named(tmp_path):
+  truncated = tmp_path / "truncated.gguf"
+  truncated.write_bytes(packaged.smollm2_gguf_path().read_bytes()[:200_000])
+  with pytest.raises(ValueError, match="truncated.gguf is not a readable GGUF file"):
+    load_tokenizer(truncated)
+  not_gguf = tmp_path / "model.gguf"
+  not_gguf.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+  with pytest.raises(ValueError, match="bad magic"):
+    load_tokenizer(not_gguf)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "smollm2"])
