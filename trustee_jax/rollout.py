@@ -141,13 +141,13 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
     turn += 1
     comp = await engine.agenerate(seq.tokens, SamplingParams(
         max_new_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        seed=derive_seed(seed, turn), stop_token_ids=(eot,)))
+        seed=derive_seed(seed, turn), stop_token_ids=chat.stop_ids))
     span = seq.add(comp.tokens, mask=1, logprobs=comp.logprobs)
     if comp.tokens[-1] != eot:  # cut by the budget: close the turn, not trained on
       seq.add([eot])
     assistant_turns += 1
-    text = tokenizer.decode([t for t in comp.tokens if t != eot])
-    parsed = chat_lib.parse_output(text)
+    text = tokenizer.decode([t for t in comp.tokens if t not in chat.stop_ids])
+    parsed = chat_lib.parse_output(text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls)
     messages.append(_assistant_message(parsed, text))
     if parsed.tool_calls or parsed.errors:
       tool_turns += 1

@@ -1,0 +1,181 @@
+"""Rollouts: exact token sequences, masks, per-turn rewards, budgets and failures."""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from trustee_jax import rollout
+from trustee_jax.chat import ChatFormat
+from trustee_jax.models.model_configs import get_model_config
+from trustee_jax.models.tokenizer import load_tokenizer
+from trustee_jax.models.transformer import create_model
+from trustee_jax.sampling.engine import Completion, Engine
+from trustee_jax.simulator import doubles, tasks as tasks_lib
+from trustee_jax.simulator.client import SimulatorError
+
+KNOBS = dict(num_tools=4, num_expected_calls=1, persona_level=0, ambiguity_level=0,
+             expected_turns=1, system_prompt_level=3, num_criteria=1, max_user_turns=3,
+             max_assistant_turns=4, max_tool_turns=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+  return ChatFormat(tokenizer)
+
+
+def make_task(seed=0, **knobs):
+  pool = doubles.double_pool()
+  kn = {**KNOBS, **knobs}
+  (req,) = tasks_lib.sample_requests(pool, [kn], np.random.default_rng(seed))
+  return asyncio.run(doubles.TaskGeneratorDouble().generate(kn, req.tools, req.category, seed))
+
+
+def world():
+  return rollout.World(user=doubles.UserDouble(), tools=doubles.ToolDouble(),
+                       judge=doubles.JudgeDouble())
+
+
+class ScriptedPolicy:
+  """Stands in for the engine: replies with scripted text turns, as token ids."""
+
+  def __init__(self, tokenizer, turns, eot):
+    self.tok, self.turns, self.eot, self.calls = tokenizer, list(turns), eot, []
+
+  async def agenerate(self, prompt, params):
+    self.calls.append((list(prompt), params))
+    turn = self.turns.pop(0)
+    ids = (self.tok.encode(turn) if isinstance(turn, str) else list(turn))[:params.max_new_tokens]
+    if ids[-1] != self.eot and len(ids) < params.max_new_tokens:
+      ids = ids + [self.eot]
+    return Completion(list(prompt), ids, [-0.5] * len(ids), None,
+                      "stop" if ids[-1] == self.eot else "length", None, 0)
+
+
+def right_call(task):
+  call = task.oracle["calls"][0]
+  return f'<tool_call>{json.dumps({"name": call["name"], "arguments": call["arguments"]})}</tool_call>'
+
+
+def run(task, policy, chat, tokenizer, cfg=rollout.RolloutConfig(group_size=1)):
+  return asyncio.run(rollout.run_episode(task, 0, 0, engine=policy, chat=chat,
+                                         tokenizer=tokenizer, world=world(), cfg=cfg, seed=1))
+
+
+def test_sequence_and_masks_are_exact(chat, tokenizer):
+  task = make_task()
+  eot = chat.end_of_turn_id
+  call = task.oracle["calls"][0]
+  as_rendered = chat.assistant_ids(  # the call exactly as the template writes it
+      {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function",
+       "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
+      tools=task.tools)
+  policy = ScriptedPolicy(tokenizer, [as_rendered, "Done, the setting is applied."], eot)
+  ep = run(task, policy, chat, tokenizer)
+  assert ep.termination == "user_ended" and ep.judge_score == 1 and ep.reward == 1.0
+  msgs = [{"role": "system", "content": task.system_prompt},
+          {"role": "user", "content": task.first_user_query}]
+  p0 = chat.prompt_ids(msgs, tools=task.tools)
+  turn1 = as_rendered
+  (prompt2, _), = [c for c in policy.calls[1:2]]
+  cont = prompt2[len(p0) + len(turn1):]
+  turn2 = tokenizer.encode("Done, the setting is applied.") + [eot]
+  expected = p0 + turn1 + cont + turn2
+  assert ep.tokens.tolist() == expected
+  mask = [0] * len(p0) + [1] * len(turn1) + [0] * len(cont) + [1] * len(turn2)
+  assert ep.loss_mask.tolist() == mask
+  assert np.all(ep.logprobs[ep.loss_mask == 1] == -0.5) and np.all(ep.logprobs[ep.loss_mask == 0] == 0)
+  # The fragments equal the template's rendering of the whole conversation (Hermes format).
+  full = chat.render(ep.messages[:-1] + [{"role": "assistant", "content": "Done, the setting is applied."}],
+                     tools=task.tools, add_generation_prompt=False)
+  assert expected == full[:len(expected)]
+  # Per-turn rewards: the right call's tool reward (1) on turn 1, the user's end reward (1) on turn 2.
+  r = ep.turn_rewards
+  assert set(r[len(p0):len(p0) + len(turn1)]) == {1.0} and r[:len(p0)].sum() == 0
+  assert set(r[len(expected) - len(turn2):]) == {1.0}
+  assert r[len(p0) + len(turn1):len(expected) - len(turn2)].sum() == 0
+
+
+def test_turn_rewards_follow_each_turn(chat, tokenizer):
+  task = make_task()
+  eot = chat.end_of_turn_id
+  wrong = '<tool_call>{"name": "get_state", "arguments": {"key": "nope"}}</tool_call>'
+  policy = ScriptedPolicy(tokenizer, [wrong, "I did it.", right_call(task), "All set."], eot)
+  ep = run(task, policy, chat, tokenizer)
+  spans = np.flatnonzero(np.diff(np.concatenate([[0], ep.loss_mask, [0]])))
+  turns = list(zip(spans[::2], spans[1::2]))
+  assert len(turns) == 4
+  assert [float(ep.turn_rewards[a]) for a, _ in turns] == [-1.0, -1.0, 1.0, 1.0]
+  assert ep.num_tool_calls == 2 and ep.judge_score == 1
+
+
+def test_budget_cut_appends_masked_end_of_turn(chat, tokenizer):
+  task = make_task()
+  eot = chat.end_of_turn_id
+  policy = ScriptedPolicy(tokenizer, ["word " * 50] * 4, eot)
+  ep = run(task, policy, chat, tokenizer, rollout.RolloutConfig(group_size=1, max_turn_tokens=8))
+  first = int(np.flatnonzero(ep.loss_mask)[0])
+  assert ep.loss_mask[first:first + 8].tolist() == [1] * 8
+  assert ep.tokens[first + 8] == eot and ep.loss_mask[first + 8] == 0
+  assert ep.termination == "budget_turns" and ep.judge_score == -1  # never called a tool
+
+
+def test_malformed_tool_calls_are_answered_and_counted(chat, tokenizer):
+  task = make_task()
+  policy = ScriptedPolicy(tokenizer, ['<tool_call>{"name": oops</tool_call>',
+                                      '<tool_call>{"name": "set_volume", "arguments": {"level": "loud"}}</tool_call>',
+                                      right_call(task), "Done."], chat.end_of_turn_id)
+  ep = run(task, policy, chat, tokenizer)
+  assert ep.num_invalid_calls == 2
+  tool_msgs = [m for m in ep.messages if m["role"] == "tool"]
+  assert tool_msgs[0]["content"].startswith("Error: malformed tool call")
+  assert "Error" in tool_msgs[1]["content"]
+  cfg = rollout.RolloutConfig(group_size=1, invalid_call_penalty=0.25)
+  policy.turns = ['<tool_call>{"name": oops</tool_call>', right_call(task), "Done."]
+  ep2 = run(task, policy, chat, tokenizer, cfg)
+  assert ep2.reward == pytest.approx(1.0 - 0.25)
+
+
+class BrokenUser:
+  async def respond(self, task, messages, seed):
+    raise SimulatorError("http://127.0.0.1:1", "timeout", "simulated outage")
+
+
+@pytest.mark.timeout(60)
+def test_simulator_outage_drops_episodes_and_groups(chat, tokenizer):
+  tasks = [make_task(seed=s) for s in range(2)]
+  policy = ScriptedPolicy(tokenizer, ["Hello?"] * 8, chat.end_of_turn_id)
+  w = rollout.World(user=BrokenUser(), tools=doubles.ToolDouble(), judge=doubles.JudgeDouble())
+  res = asyncio.run(rollout.run_rollouts(tasks, engine=policy, chat=chat, tokenizer=tokenizer,
+                                         world=w, cfg=rollout.RolloutConfig(group_size=2),
+                                         seed=0, step=1))
+  assert res.episodes == [] and res.dropped_groups == 2
+  assert res.dropped_episodes["simulator_timeout"] == 4
+
+
+def test_engine_rollouts_arrays_match_sampled_ids_and_are_reproducible(chat, tokenizer):
+  model = create_model(get_model_config("tiny-llama"), seed=3)
+  tasks = [make_task(seed=s) for s in range(2)]
+  cfg = rollout.RolloutConfig(group_size=3, max_turn_tokens=12, max_episode_tokens=1200)
+  with Engine(model, num_slots=6, cache_len=1536, decode_chunk=4) as engine:
+    runs = [asyncio.run(rollout.run_rollouts(tasks, engine=engine, chat=chat, tokenizer=tokenizer,
+                                             world=world(), cfg=cfg, seed=5, step=2,
+                                             max_concurrent=c)) for c in (0, 1)]
+  concurrent, sequential = runs
+  assert len(concurrent.episodes) == 6
+  key = lambda e: (e.task_index, e.episode_index)  # noqa: E731
+  for a, b in zip(sorted(concurrent.episodes, key=key), sorted(sequential.episodes, key=key)):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  arrays = rollout.to_arrays(concurrent.episodes, (1536,))
+  for i, e in enumerate(concurrent.episodes):
+    n = len(e.tokens)
+    assert arrays["tokens"][i, :n].tolist() == e.tokens.tolist()
+    assert arrays["loss_mask"][i, n:].sum() == 0 and arrays["positions"][i, n:].max() == -1
+    sampled = arrays["tokens"][i][arrays["loss_mask"][i] > 0]
+    assert sampled.tolist() == e.tokens[e.loss_mask > 0].tolist()
