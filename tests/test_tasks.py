@@ -100,11 +100,16 @@ def test_invalid_tasks_are_regenerated_with_new_seeds():
   client = ScriptedClient([
       reply(query="Please call add_to_cart for the kettle."),  # names a tool
       reply(user_intent="   "),  # blank intent
+      reply(hidden_facts=["The kettle ships to [location]."]),  # an unfilled slot (seen live)
       reply()])
-  task = asyncio.run(tl.TaskGenerator(client).generate(Knobs(), TOOLS, "Shop", seed=5))
+  gen = tl.TaskGenerator(client, {"max_attempts": 4})
+  task = asyncio.run(gen.generate(Knobs(), TOOLS, "Shop", seed=5))
   assert task.first_user_query.startswith("Hi, I want")
   seeds = [r.kwargs["seed"] for r in client.requests]
-  assert seeds[0] == 5 and len(set(seeds)) == 3
+  assert seeds[0] == 5 and len(set(seeds)) == 4
+  problems = tl.task_problems(reply(query="Order XXX for {name} on <date>"),
+                              tl.task_schema(NAMES, 2), NAMES)
+  assert problems == ["placeholders instead of values: ['<date>', 'XXX', '{name}']"]
 
 
 def test_generation_gives_up_loudly_after_max_attempts():

@@ -23,6 +23,10 @@ KNOB_FIELDS = ("num_tools", "num_expected_calls", "persona_level", "ambiguity_le
                "max_assistant_turns", "max_tool_turns")
 
 
+# Template slots left unfilled, e.g. "[location]", "{name}", "<date>", "XXX".
+PLACEHOLDER = re.compile(r"\[[A-Za-z_ ]{2,30}\]|\{[A-Za-z_ ]{2,30}\}|<[A-Za-z_ ]{2,30}>|\bX{3,}\b")
+
+
 class TaskGenerationError(RuntimeError):
   """The LM did not produce a valid task within the allowed attempts; lists every attempt."""
 
@@ -186,6 +190,11 @@ def task_problems(raw: Any, schema: dict[str, Any], tool_names: Sequence[str]) -
   for key in ("hidden_facts", "initial_state"):
     if any(not s.strip() for s in raw.get(key, [])):
       problems.append(f"{key} has a blank entry")
+  texts = [raw["user_intent"], raw["first_user_query"], *raw.get("hidden_facts", []),
+           *raw.get("initial_state", [])]
+  found = sorted({m.group(0) for t in texts for m in PLACEHOLDER.finditer(t)})
+  if found:
+    problems.append(f"placeholders instead of values: {found[:5]}")
   return problems
 
 
