@@ -116,10 +116,15 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
+  import jax
   root = pathlib.Path(__file__).resolve().parent.parent
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes"):  # the suite's cache, as conftest
+    if getattr(jax.config, flag) is not None:
+      env[flag.upper()] = str(getattr(jax.config, flag))
   proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
