@@ -5,7 +5,8 @@ from trustee_jax.default_config import default_config
 
 def get_config():
   c = default_config()
-  c.model.update(name="Qwen/Qwen3-8B", tokenizer="qwen3", dtype="bfloat16",
+  # A local Hugging Face directory of Qwen3-8B (nothing is downloaded at run time).
+  c.model.update(name="/models/Qwen3-8B", tokenizer="qwen3", dtype="bfloat16",
                  param_dtype="bfloat16", remat_policy="dots_no_batch")
   c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8)
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
@@ -14,10 +15,13 @@ def get_config():
   c.world.task.update(hidden_facts=False, initial_state=False, max_tokens=2048,
                       chat_template_kwargs=thinking)
   c.world.user.update(max_tokens=2048, frequency_penalty=0.1, chat_template_kwargs=thinking)
-  c.world.tools.update(schema_check=False, use_ledger=False, max_result_chars=512,
+  c.world.tools.update(schema_check=False, use_ledger=False, show_conversation=True,
+                       max_result_chars=512,
                        max_parallel_calls=3, max_tokens=2048, frequency_penalty=0.1,
                        chat_template_kwargs=thinking)
-  c.world.judge.update(max_criteria=2, num_votes=1, max_tokens=2048, chat_template_kwargs=thinking)
+  c.world.judge.update(max_criteria=2, num_votes=1, score_rule="model", max_tokens=2048, chat_template_kwargs=thinking)
+  c.world.tool_pool = "/data/toolbench_tools.json"  # TRUSTEE's pool, given its path
+  c.world.lenient_pool = True  # its "credentials"/"select" parameter types are repaired
   c.curriculum.update(mode="level")  # reference multipliers, thresholds 0.5/0.0, step 3
   c.grpo.update(single_survivor="reward", turn_mode="uniform", clip_low=0.2, clip_high=0.2,
                 dual_clip_c=3.0, kl_beta=0.001, kl_type="low_var_kl", agg="token-mean")
