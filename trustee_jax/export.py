@@ -1,0 +1,234 @@
+"""A run's trained policy as a Hugging Face directory that transformers, vLLM and SGLang load.
+
+The model is rebuilt from the checkpoint alone: its `meta` holds the model shape (as the
+Trainer wrote it) and the run config, so export needs neither the original weights nor
+the config file. Only the parameters are read (an Orbax partial restore), onto the CPU,
+then `weights.save_hf` writes config.json, safetensors, the tokenizer, the chat template
+the policy was trained with, and generation_config.json.
+"""
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from trustee_jax.chat import ChatFormat
+from trustee_jax.models import tokenizer as tok_lib
+from trustee_jax.models import weights
+from trustee_jax.models.transformer import ModelConfig, RopeScaling, Transformer
+
+
+class ExportError(ValueError):
+  """A workdir whose checkpoint cannot become an HF directory: names the path and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredPolicy:
+  """The policy of one checkpoint: the model (params on CPU), its tokenizer, the run config."""
+  model: Transformer
+  tokenizer: tok_lib.Tokenizer
+  config: ml_collections.ConfigDict
+  step: int
+
+
+# ---------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def _manager(workdir) -> ocp.CheckpointManager:
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    raise ExportError(f"{directory} does not exist: is {workdir} a training workdir?")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """`step` if it was saved, else the newest complete step; loud when there is none."""
+  steps = manager.all_steps()
+  if not steps:
+    raise ExportError(f"{manager.directory} has no complete checkpoint")
+  if step is None:
+    return int(max(steps))
+  if step not in steps:
+    raise ExportError(f"{manager.directory} has no checkpoint for step {step}; "
+                      f"saved steps: {sorted(steps)}")
+  return int(step)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  for key in ("model_config", "config"):
+    if key not in meta:
+      raise ExportError(f"{manager.directory}/{step}/meta has no {key!r} (written by another "
+                        "version of the trainer?)")
+  return meta
+
+
+def run_config(meta: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The run's ml_collections config from the JSON string the Trainer stored."""
+  raw = meta["config"]
+  return ml_collections.ConfigDict(json.loads(raw) if isinstance(raw, str) else raw)
+
+
+# ---------------------------------------------------------------------------- model shape
+
+
+_ROPE_FIELD = re.compile(r"'?(\w+)'?\s*[=:]\s*([-+0-9.eE]+)")
+
+
+def _rope_scaling(value: Any) -> RopeScaling | None:
+  """RopeScaling from the meta: a dict, the str() of one or of the dataclass, or None."""
+  if value is None or value == "None":
+    return None
+  fields = dict(value) if isinstance(value, dict) else {
+      k: v for k, v in _ROPE_FIELD.findall(str(value))}
+  try:
+    return RopeScaling(float(fields["factor"]), float(fields["low_freq_factor"]),
+                       float(fields["high_freq_factor"]),
+                       int(float(fields["original_max_position_embeddings"])))
+  except KeyError as e:
+    raise ExportError(f"cannot read rope_scaling {value!r} from the checkpoint meta") from e
+
+
+def model_config_from_meta(meta_model: dict[str, Any], cfg: ml_collections.ConfigDict
+                           ) -> ModelConfig:
+  """The ModelConfig the run trained: shapes from the checkpoint, compute dtype from the run."""
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(meta_model) - names
+  if unknown:
+    raise ExportError(f"checkpoint model_config has fields this ModelConfig lacks: "
+                      f"{sorted(unknown)}")
+  fields = dict(meta_model, rope_scaling=_rope_scaling(meta_model.get("rope_scaling")))
+  model_cfg = cfg.get("model", {})
+  name = pathlib.Path(str(model_cfg.get("name", "policy"))).name or "policy"
+  try:
+    return ModelConfig(name=name, dtype=str(model_cfg.get("dtype", "float32")), **fields)
+  except TypeError as e:
+    raise ExportError(f"checkpoint model_config is incomplete: {e}") from e
+
+
+def check_model_config(mcfg: ModelConfig, meta_model: dict[str, Any]) -> None:
+  """The rebuilt config must give back exactly the meta it was read from (as train.model_meta)."""
+  from trustee_jax.train import model_meta  # the one definition of what the Trainer stores
+  rebuilt = model_meta(type("M", (), {"cfg": mcfg})())
+  diff = {k: (meta_model.get(k), rebuilt.get(k)) for k in set(meta_model) | set(rebuilt)
+          if meta_model.get(k) != rebuilt.get(k)}
+  if diff:
+    raise ExportError(f"rebuilt model config differs from the checkpoint's: {diff} "
+                      "(saved, rebuilt)")
+
+
+# ---------------------------------------------------------------------------- restore
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, mcfg: ModelConfig
+                   ) -> Transformer:
+  """Only `state.params` of the checkpoint, onto the CPU, merged into a Transformer."""
+  abstract = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  target = {"params": jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abs_state)}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ExportError(f"{manager.directory}/{step}: the saved params do not fit a "
+                      f"{mcfg.architecture} model of this shape: {e}") from e
+  return nnx.merge(graphdef, restored["state"]["params"])
+
+
+def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
+  """The tokenizer the run used, chosen as train.load_policy chooses it."""
+  name = str(cfg.model.name)
+  if name == "smollm2":
+    return "smollm2"
+  if pathlib.Path(name).is_dir():
+    return name
+  return str(cfg.model.get("tokenizer", "smollm2"))
+
+
+def restore_policy(workdir: str | pathlib.Path, step: int | None = None) -> RestoredPolicy:
+  """The policy of `workdir`'s checkpoint at `step` (default: the newest)."""
+  manager = _manager(workdir)
+  try:
+    step = resolve_step(manager, step)
+    meta = read_meta(manager, step)
+    cfg = run_config(meta)
+    mcfg = model_config_from_meta(meta["model_config"], cfg)
+    check_model_config(mcfg, meta["model_config"])
+    model = restore_params(manager, step, mcfg)
+  finally:
+    manager.close()
+  return RestoredPolicy(model, tok_lib.load_tokenizer(tokenizer_source(cfg)), cfg, step)
+
+
+# ---------------------------------------------------------------------------- templates
+
+
+def training_chat_template(chat: ChatFormat) -> str:
+  """One jinja template that renders as ChatFormat did in training.
+
+  ChatFormat uses the model's template, or HERMES_TEMPLATE for conversations with tools
+  when the model's template has none (SmolLM2). Exported alone, the model's template would
+  show the policy a tool format it never saw; this template picks between the two exactly
+  as ChatFormat._template_for does. HF renders with trim_blocks and lstrip_blocks, so the
+  branches are joined with tags that strip nothing.
+  """
+  if chat.tool_template == chat.template:
+    return chat.template
+  return ("{%- set ns_trustee = namespace(tool_turns=false) -%}"
+          "{%- for m in messages -%}{%- if m.role == 'tool' or m.tool_calls -%}"
+          "{%- set ns_trustee.tool_turns = true -%}{%- endif -%}{%- endfor -%}"
+          "{% if tools or ns_trustee.tool_turns %}" + chat.tool_template
+          + "{% else %}" + chat.template + "{% endif %}")
+
+
+def generation_config(cfg: ml_collections.ConfigDict, chat: ChatFormat) -> dict[str, Any]:
+  """Stop ids (end of turn first) and the rollout's sampling, as serving defaults."""
+  rollout = cfg.get("rollout", {})
+  gen: dict[str, Any] = {"eos_token_id": list(chat.stop_ids)}
+  if chat.tokenizer.bos_token_id is not None:
+    gen["bos_token_id"] = chat.tokenizer.bos_token_id
+  if chat.tokenizer.pad_token_id is not None:
+    gen["pad_token_id"] = chat.tokenizer.pad_token_id
+  temperature = float(rollout.get("temperature", 1.0))
+  gen.update(do_sample=temperature > 0, temperature=temperature,
+             top_p=float(rollout.get("top_p", 1.0)))
+  if int(rollout.get("top_k", 0) or 0) > 0:
+    gen["top_k"] = int(rollout.top_k)
+  return gen
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None,
+              *, dtype: str | None = None) -> pathlib.Path:
+  """Writes the policy of `workdir` (checkpoint `step`, default newest) to `out_dir`.
+
+  dtype: the safetensors dtype (default: the trained param dtype). Also writes
+  trustee_export.json (workdir, step, run config) so an evaluation can name its source.
+  """
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise ExportError(f"{out} exists and is not empty; choose a new --out")
+  policy = restore_policy(workdir, step)
+  chat = ChatFormat(policy.tokenizer)
+  policy.tokenizer.hf.chat_template = training_chat_template(chat)
+  weights.save_hf(policy.model, out, policy.tokenizer, dtype=dtype,
+                  generation_config=generation_config(policy.config, chat))
+  record = {"workdir": str(pathlib.Path(workdir).absolute()), "step": policy.step,
+            "model": str(policy.config.model.get("name")),
+            "tokenizer": tokenizer_source(policy.config)}
+  (out / "trustee_export.json").write_text(json.dumps(record, indent=2) + "\n")
+  return out
