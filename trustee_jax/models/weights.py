@@ -205,14 +205,11 @@ def _build(cfg: ModelConfig, tensors: _Tensors, mesh, rules) -> Transformer:
   for (path, leaf), sharding in zip(leaves, shardings, strict=True):
     name = path[0].key
     spec = specs[name]
-    buf = np.empty(leaf.shape, leaf.dtype)
-    for layer in range(leaf.shape[0]) if PARAM_AXES[name][0] == "layers" else [-1]:
-      hf = spec.hf.format(layer)
-      x = spec.to_ours(_read_checked(tensors, hf, spec.hf_shape))
-      if layer < 0:
-        buf[...] = x
-      else:
-        buf[layer] = x
+    buf = np.empty(leaf.shape, leaf.dtype)  # the only host copy of this parameter
+    layered = PARAM_AXES[name][0] == "layers"
+    for layer in range(leaf.shape[0]) if layered else [None]:
+      x = _read_checked(tensors, spec.hf.format(layer), spec.hf_shape)
+      buf[layer if layered else ...] = spec.to_ours(x)
     if sharding is None:
       values[name] = jax.device_put(buf)
     else:
