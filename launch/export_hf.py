@@ -1,6 +1,7 @@
 """Exports a run's trained policy as a Hugging Face directory.
 
   python launch/export_hf.py --workdir runs/demo --out exports/demo [--step N] [--dtype bfloat16]
+  python launch/export_hf.py --base_model smollm2 --out exports/smollm2   # the untrained base
 
 OUT gets config.json, model safetensors, the tokenizer with the chat template the policy was
 trained with, and generation_config.json: transformers loads it unchanged
@@ -13,8 +14,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
+_BASE = flags.DEFINE_string("base_model", None, "Instead of --workdir: an untrained policy as "
+                            "a run names it ('smollm2', an HF directory, a named config).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "smollm2", "With --base_model and a named "
+                                 "config: its tokenizer.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -24,8 +28,14 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
 def main(argv):
   del argv
   from trustee_jax import export  # after flags: keeps --help fast
+  if (_WORKDIR.value is None) == (_BASE.value is None):
+    raise app.UsageError("give exactly one of --workdir and --base_model")
   try:
-    out = export.export_hf(_WORKDIR.value, _OUT.value, _STEP.value, dtype=_DTYPE.value)
+    if _WORKDIR.value:
+      out = export.export_hf(_WORKDIR.value, _OUT.value, _STEP.value, dtype=_DTYPE.value)
+    else:
+      out = export.export_base(_BASE.value, _OUT.value, tokenizer=_TOKENIZER.value,
+                               dtype=_DTYPE.value)
   except export.ExportError as e:
     raise SystemExit(f"export failed: {e}") from e
   record = (out / "trustee_export.json").read_text()

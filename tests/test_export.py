@@ -152,6 +152,16 @@ def test_rope_scaling_survives_the_meta():
   export.check_model_config(rebuilt, meta)
 
 
+def test_base_export_is_step_zero_of_the_same_model(run, tmp_path):
+  out = export.export_base("tiny-llama", tmp_path / "base", tokenizer="smollm2")
+  assert json.loads((out / "trustee_export.json").read_text())["step"] == 0
+  assert (json.loads((out / "config.json").read_text())
+          == json.loads((run["out"] / "config.json").read_text()))
+  assert ((out / "chat_template.jinja").read_text()
+          == (run["out"] / "chat_template.jinja").read_text())
+
+
+@pytest.mark.slow
 def test_launcher_exports(run, tmp_path):
   out = tmp_path / "cli"
   proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export_hf.py"),

@@ -212,23 +212,45 @@ def generation_config(cfg: ml_collections.ConfigDict, chat: ChatFormat) -> dict[
 # ---------------------------------------------------------------------------- export
 
 
+def _write(model: Transformer, tokenizer: tok_lib.Tokenizer, cfg: ml_collections.ConfigDict,
+           out: pathlib.Path, dtype: str | None, record: dict[str, Any]) -> pathlib.Path:
+  chat = ChatFormat(tokenizer)
+  tokenizer.hf.chat_template = training_chat_template(chat)
+  weights.save_hf(model, out, tokenizer, dtype=dtype,
+                  generation_config=generation_config(cfg, chat))
+  (out / "trustee_export.json").write_text(json.dumps(record, indent=2) + "\n")
+  return out
+
+
+def _fresh_out(out_dir) -> pathlib.Path:
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise ExportError(f"{out} exists and is not empty; choose a new --out")
+  return out
+
+
 def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None,
               *, dtype: str | None = None) -> pathlib.Path:
   """Writes the policy of `workdir` (checkpoint `step`, default newest) to `out_dir`.
 
   dtype: the safetensors dtype (default: the trained param dtype). Also writes
-  trustee_export.json (workdir, step, run config) so an evaluation can name its source.
+  trustee_export.json (workdir, step, model) so an evaluation can name its source.
   """
-  out = pathlib.Path(out_dir)
-  if out.exists() and any(out.iterdir()):
-    raise ExportError(f"{out} exists and is not empty; choose a new --out")
+  out = _fresh_out(out_dir)
   policy = restore_policy(workdir, step)
-  chat = ChatFormat(policy.tokenizer)
-  policy.tokenizer.hf.chat_template = training_chat_template(chat)
-  weights.save_hf(policy.model, out, policy.tokenizer, dtype=dtype,
-                  generation_config=generation_config(policy.config, chat))
   record = {"workdir": str(pathlib.Path(workdir).absolute()), "step": policy.step,
             "model": str(policy.config.model.get("name")),
             "tokenizer": tokenizer_source(policy.config)}
-  (out / "trustee_export.json").write_text(json.dumps(record, indent=2) + "\n")
-  return out
+  return _write(policy.model, policy.tokenizer, policy.config, out, dtype, record)
+
+
+def export_base(model: str, out_dir: str | pathlib.Path, *, tokenizer: str = "smollm2",
+                dtype: str | None = None, seed: int = 0) -> pathlib.Path:
+  """The untrained policy a run starts from ("smollm2", an HF directory, or a named config
+  with `tokenizer`) in the same layout, with step 0: the base side of a comparison."""
+  from trustee_jax.train import load_policy  # the one definition of how a run loads it
+  out = _fresh_out(out_dir)
+  cfg = ml_collections.ConfigDict({"seed": seed, "model": {"name": model, "tokenizer": tokenizer}})
+  net, tok = load_policy(cfg)
+  record = {"workdir": None, "step": 0, "model": model, "tokenizer": tokenizer_source(cfg)}
+  return _write(net, tok, cfg, out, dtype, record)
