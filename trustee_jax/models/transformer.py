@@ -291,20 +291,13 @@ def left_padded_positions(lengths: Any, width: int) -> Array:
 
 def create_model(cfg: ModelConfig, seed: int = 0, mesh=None,
                  rules=shd.LOGICAL_RULES) -> Transformer:
-  """A randomly initialised model; with a mesh, initialised sharded under jit.
+  """A randomly initialised model, initialised in one jitted call.
 
-  The parameters are created directly into their shardings (jit with out_shardings),
+  With a mesh the parameters are created directly into their shardings (out_shardings),
   so an 8B model never sits whole on one device.
   """
-  if mesh is None:
-    return Transformer(cfg, nnx.Rngs(seed))
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed), mesh=mesh, rules=rules))
-  graphdef, abs_state = nnx.split(abstract)
-  out_shardings = shd.state_shardings(abs_state, mesh, rules)
-
-  @jax.jit
-  def init():
-    return nnx.split(Transformer(cfg, nnx.Rngs(seed), mesh=mesh, rules=rules))[1]
-
-  state = jax.jit(init, out_shardings=out_shardings)()
+  make = lambda: Transformer(cfg, nnx.Rngs(seed), mesh=mesh, rules=rules)  # noqa: E731
+  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
+  out_shardings = None if mesh is None else shd.state_shardings(abs_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out_shardings)()
   return nnx.merge(graphdef, state)
