@@ -4,6 +4,7 @@
 
 Reusing a workdir resumes from its newest complete checkpoint.
 """
+import logging
 import pathlib
 import sys
 
@@ -20,6 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard 
 
 def main(argv):
   del argv
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per simulator call otherwise
   from trustee_jax import train  # after flags: keeps --help fast
   cfg = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value).absolute()

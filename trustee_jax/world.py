@@ -5,6 +5,7 @@ import collections
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ class SimWorld(World):
 
 def start_embedded_server(sim_cfg) -> tuple[str, subprocess.Popen]:
   """Starts launch/serve_simulator.py on 127.0.0.1; it gets SIGTERM if this process dies."""
-  port = int(sim_cfg.port)
+  port = int(sim_cfg.port) or free_port()
   cmd = [sys.executable, str(LAUNCHER), f"--model={sim_cfg.model}", "--host=127.0.0.1",
          f"--port={port}", f"--num_slots={sim_cfg.num_slots}", f"--cache_len={sim_cfg.cache_len}",
          f"--parent_pid={os.getpid()}"]
@@ -73,6 +74,13 @@ def start_embedded_server(sim_cfg) -> tuple[str, subprocess.Popen]:
     time.sleep(1.0)
   stop_server(proc)
   raise TimeoutError(f"embedded simulator server not healthy at {url} after start-up timeout")
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
 
 
 def stop_server(proc: subprocess.Popen | None) -> None:
