@@ -1,0 +1,313 @@
+"""LoRA on the stacked attention and MLP projections: a frozen base, small trainable adapters.
+
+Each target W [L, in.., out..] gets A [L, in.., r] and B [L, r, out..] and is used as
+W + (alpha / r) * A @ B. The delta is merged one layer at a time inside the layer scan
+(`LoraWeight.astype`, which the decoder block calls on every projection), so training never
+holds a whole merged copy. B starts at zero, so a fresh adapter is the base exactly, and the
+frozen base with adapters off is the KL reference for free. `merge` folds the adapters into a
+plain Transformer for export (weights.save_hf) or for a sampler that should not pay the merge.
+
+The update differentiates the adapters only: `make_lora_update_fn` has the signature of
+`update.make_update_fn`'s result with the base bound as a jit argument (never a constant).
+"""
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from trustee_jax import grpo
+from trustee_jax import sharding as shd
+from trustee_jax import update as update_lib
+from trustee_jax.models.transformer import PARAM_AXES, ModelConfig, Transformer
+
+Array = jax.Array
+
+# Target -> how many of its dims after `layers` are inputs (the rest are outputs).
+INPUT_DIMS: dict[str, int] = {"wq": 1, "wk": 1, "wv": 1, "wo": 2,
+                              "w_gate": 1, "w_up": 1, "w_down": 1}
+ALL_TARGETS = tuple(INPUT_DIMS)
+
+
+class LoraError(ValueError):
+  """A LoRA setting or model that cannot be adapted: names the field and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Rank, scale (alpha / rank) and which projections get adapters."""
+  rank: int = 16
+  alpha: float = 32.0
+  targets: tuple[str, ...] = ALL_TARGETS
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise LoraError(f"lora.rank must be >= 1, got {self.rank}")
+    unknown = sorted(set(self.targets) - set(INPUT_DIMS))
+    if unknown or not self.targets:
+      raise LoraError(f"lora.targets {tuple(self.targets)}: unknown {unknown}; "
+                      f"choose from {ALL_TARGETS}")
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / self.rank
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "LoraConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(d) - known - {"enabled", "sampler_weights"})
+    if extra:
+      raise LoraError(f"unknown lora config field(s) {extra}; known: {sorted(known)}")
+    kw = {k: v for k, v in d.items() if k in known}
+    if "targets" in kw:
+      kw["targets"] = tuple(kw["targets"])
+    return cls(**kw)
+
+
+class LoraParam(nnx.Param):
+  """An adapter parameter: the only kind a LoRA update differentiates."""
+
+
+def adapter_axes(name: str) -> tuple[str, ...]:
+  """Logical axes of an adapter leaf ('wq_a', 'w_down_b', ...), from its target's axes."""
+  target, part = name.rsplit("_", 1)
+  axes, n_in = PARAM_AXES[target], INPUT_DIMS[target]
+  if part == "a":
+    return axes[:1 + n_in] + ("lora_rank",)
+  return ("layers", "lora_rank") + axes[1 + n_in:]
+
+
+def _delta(a: Array, b: Array, scale: float) -> Array:
+  """scale * A @ B in f32 for one layer: a [in.., r], b [r, out..] -> [in.., out..]."""
+  return scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeight:
+  """A projection with its adapter; the layer scan slices it like an array.
+
+  The decoder block reads every projection as `lp[name].astype(compute_dtype)`; here that
+  returns the merged weight of the current layer, summed in f32 and cast once.
+  """
+  w: Array
+  a: Array
+  b: Array
+  scale: float = dataclasses.field(metadata=dict(static=True))
+
+  def astype(self, dtype) -> Array:
+    return (self.w.astype(jnp.float32) + _delta(self.a, self.b, self.scale)).astype(dtype)
+
+
+class LoraAdapters(nnx.Module):
+  """`{target}_a` (uniform, PEFT's bound 1/sqrt(fan_in)) and `{target}_b` (zeros)."""
+
+  def __init__(self, cfg: ModelConfig, lcfg: LoraConfig, shapes: dict[str, tuple[int, ...]],
+               rngs: nnx.Rngs):
+    pdt = jnp.dtype(lcfg.param_dtype)
+    for name in lcfg.targets:
+      shape, n_in = shapes[name], INPUT_DIMS[name]
+      ins, outs = shape[1:1 + n_in], shape[1 + n_in:]
+      bound = 1.0 / math.sqrt(math.prod(ins))
+      a = jax.random.uniform(rngs.params(), (cfg.num_layers, *ins, lcfg.rank), pdt,
+                             -bound, bound)
+      setattr(self, f"{name}_a", LoraParam(a))
+      setattr(self, f"{name}_b", LoraParam(jnp.zeros((cfg.num_layers, lcfg.rank, *outs), pdt)))
+
+
+def _target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  return {"wq": (L, d, h, hd), "wk": (L, d, kv, hd), "wv": (L, d, kv, hd), "wo": (L, h, hd, d),
+          "w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d)}
+
+
+class LoraTransformer(Transformer):
+  """A Transformer whose targeted projections are W + scale * A @ B (`self.lora`)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, lora: LoraConfig, mesh=None,
+               rules=shd.LOGICAL_RULES, lora_seed: int = 0):
+    super().__init__(cfg, rngs, mesh=mesh, rules=rules)
+    self.lora_cfg = lora
+    self.lora = LoraAdapters(cfg, lora, _target_shapes(cfg), nnx.Rngs(lora_seed))
+
+  def _layer_params(self) -> dict[str, Any]:
+    lp = super()._layer_params()
+    for name in self.lora_cfg.targets:
+      lp[name] = LoraWeight(lp[name], getattr(self.lora, f"{name}_a")[...],
+                            getattr(self.lora, f"{name}_b")[...], self.lora_cfg.scale)
+    return lp
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def adapter_shardings(state: nnx.State, mesh, rules=shd.LOGICAL_RULES):
+  """Adapter shardings by their logical axes: A's input dims split like W's, rank replicated."""
+  def one(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    name = next(n for n in reversed(names) if n.endswith(("_a", "_b")))
+    return shd.named_sharding(mesh, rules, adapter_axes(name), leaf.shape)
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _abstract(cfg: ModelConfig, lcfg: LoraConfig, mesh, rules, seed: int) -> LoraTransformer:
+  return nnx.eval_shape(lambda: LoraTransformer(cfg, nnx.Rngs(0), lora=lcfg, mesh=mesh,
+                                                rules=rules, lora_seed=seed))
+
+
+def init_adapters(cfg: ModelConfig, lcfg: LoraConfig, *, seed: int = 0, mesh=None,
+                  rules=shd.LOGICAL_RULES) -> nnx.State:
+  """Fresh adapters (state paths ('lora', '{target}_a|b')), created in their shardings."""
+  def make():
+    m = LoraTransformer(cfg, nnx.Rngs(0), lora=lcfg, mesh=mesh, rules=rules, lora_seed=seed)
+    return nnx.split(m, LoraParam, ...)[1]  # the base it built is dead code under jit
+  if mesh is None:
+    return jax.jit(make)()
+  shardings = adapter_shardings(jax.eval_shape(make), mesh, rules)
+  return jax.jit(make, out_shardings=shardings)()
+
+
+def add_lora(model: Transformer, lcfg: LoraConfig, *, seed: int = 0) -> LoraTransformer:
+  """Wraps a loaded base (its parameters are shared, not copied) with fresh adapters."""
+  if isinstance(model, LoraTransformer):
+    raise LoraError("model already has LoRA adapters; merge() it first")
+  graphdef = nnx.graphdef(_abstract(model.cfg, lcfg, model.mesh, model.rules, seed))
+  adapters = init_adapters(model.cfg, lcfg, seed=seed, mesh=model.mesh, rules=model.rules)
+  return nnx.merge(graphdef, adapters, nnx.state(model))
+
+
+def split(model: LoraTransformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, adapters, base): the trainable and the frozen halves of an adapted model."""
+  if not isinstance(model, LoraTransformer):
+    raise LoraError(f"expected a LoraTransformer, got {type(model).__name__}; use add_lora")
+  return nnx.split(model, LoraParam, ...)
+
+
+def base_graphdef(model: Transformer) -> nnx.GraphDef:
+  """The plain Transformer graphdef matching `model`'s base state (adapters off)."""
+  return nnx.graphdef(nnx.eval_shape(
+      lambda: Transformer(model.cfg, nnx.Rngs(0), mesh=model.mesh, rules=model.rules)))
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+def merge_params(base: nnx.State, adapters: nnx.State, lcfg: LoraConfig) -> nnx.State:
+  """The base state with every target replaced by W + delta (W's dtype), a layer at a time
+  so no whole f32 copy is ever made. Pure: jit it, or call `merge`."""
+  ad = adapters["lora"]
+
+  def visit(path, w):
+    name = str(getattr(path[0], "key", path[0]))
+    if name not in lcfg.targets:
+      return w
+    layer = lambda xs: LoraWeight(*xs, lcfg.scale).astype(w.dtype)  # noqa: E731
+    return jax.lax.map(layer, (w, ad[f"{name}_a"][...], ad[f"{name}_b"][...]))
+
+  return jax.tree_util.tree_map_with_path(visit, base)
+
+
+def merge(model: LoraTransformer, adapters: nnx.State | None = None) -> Transformer:
+  """A plain Transformer with the adapters folded in (same dtype and shardings as the base),
+  for weights.save_hf or a sampler. `adapters` overrides the model's own."""
+  graphdef, own, base = split(model)
+  adapters = own if adapters is None else adapters
+  kw = {}
+  if model.mesh is not None:
+    kw["out_shardings"] = jax.tree_util.tree_map(lambda x: x.sharding, base)
+  merged = jax.jit(merge_params, static_argnums=2, **kw)(base, adapters, model.lora_cfg)
+  return nnx.merge(base_graphdef(model), merged)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _loss(adapters, base, graphdef, mb, normaliser, cfg, temperature, chunk_size):
+  params = nnx.merge_state(adapters, base)
+  return update_lib._micro_loss(params, graphdef, mb, normaliser, cfg, temperature, chunk_size)
+
+
+def make_lora_update_fn(graphdef: nnx.GraphDef, base: nnx.State,
+                        optimizer: optax.GradientTransformation, cfg: grpo.GRPOConfig, *,
+                        micro_batch: int, temperature: float = 1.0, chunk_size: int = 8192
+                        ) -> Callable:
+  """`update(adapters, opt_state, batch) -> (adapters, opt_state, metrics)`, the GRPO update
+  of update.make_update_fn (same batch, micro-batching, NaN guard and metrics) on the
+  adapters alone. `base` is passed to the jitted step as an argument on every call (no
+  16 GB constant), and gets no gradient; graphdef comes from `split(model)`.
+  """
+  grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+  @jax.jit
+  def step(adapters, opt_state, base, batch):
+    n = batch["tokens"].shape[0]
+    if n % micro_batch:
+      raise ValueError(f"batch of {n} is not a multiple of micro_batch {micro_batch}")
+    normaliser = grpo.loss_normaliser(batch["loss_mask"][:, 1:], cfg)
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((n // micro_batch, micro_batch) + x.shape[1:]), batch)
+    args = (graphdef, normaliser, cfg, temperature, chunk_size)
+
+    def accumulate(carry, mb):
+      grads, metrics = carry
+      (_, m), g = grad_fn(adapters, base, graphdef, mb, *args[1:])
+      return (jax.tree_util.tree_map(jnp.add, grads, g),
+              jax.tree_util.tree_map(jnp.add, metrics, m)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    metric_zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        lambda: _loss(adapters, base, graphdef, first, *args[1:])[1]))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, adapters)
+    (grads, summed), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), micro)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(summed["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, opt_state, adapters)
+    new_adapters = optax.apply_updates(adapters, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda x, y: jnp.where(finite, x, y), new, old)
+    metrics = grpo.finalize_metrics(summed)
+    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+    return keep(new_adapters, adapters), keep(new_opt, opt_state), metrics
+
+  def update(adapters, opt_state, batch):
+    return step(adapters, opt_state, base, batch)
+
+  update.step = step  # the jitted function, for ahead-of-time lowering
+  return update
+
+
+def make_lora_logprob_fn(graphdef: nnx.GraphDef, base: nnx.State, *, temperature: float,
+                         chunk_size: int) -> Callable:
+  """`fn(adapters, tokens, positions) -> logp [N, T-1]` of the adapted policy."""
+  @jax.jit
+  def fn(adapters, base, tokens, positions):
+    return update_lib.token_logprobs(graphdef, nnx.merge_state(adapters, base), tokens,
+                                     positions, temperature=temperature,
+                                     chunk_size=chunk_size)[0]
+  return lambda adapters, tokens, positions: fn(adapters, base, tokens, positions)
+
+
+def make_reference_logprob_fn(model: LoraTransformer, *, temperature: float,
+                              chunk_size: int) -> Callable:
+  """`fn(base, tokens, positions) -> logp` of the frozen base, adapters off: the KL reference
+  without a second copy of the weights (pass the `base` state from `split`)."""
+  return update_lib.make_logprob_fn(base_graphdef(model), temperature=temperature,
+                                    chunk_size=chunk_size)
+
+
+def lora_param_count(cfg: ModelConfig, lcfg: LoraConfig) -> int:
+  """Adapter parameters of a model shape, without building anything."""
+  shapes = _target_shapes(cfg)
+  total = 0
+  for name in lcfg.targets:
+    shape, n_in = shapes[name], INPUT_DIMS[name]
+    total += cfg.num_layers * lcfg.rank * (math.prod(shape[1:1 + n_in])
+                                           + math.prod(shape[1 + n_in:]))
+  return total
