@@ -18,5 +18,6 @@ def get_config():
   c.train.update(steps=3, tasks_per_step=2, updates_per_step=1, micro_batch=4,
                  length_buckets=(256, 512, 1024))
   c.train.optimizer.update(learning_rate=1e-6)
+  c.validation.update(every=0)  # on CPU every simulated episode counts; see configs/test.py
   c.checkpoint.update(every=1, keep=2)
   return c

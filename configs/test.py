@@ -12,6 +12,7 @@ def get_config():
                  length_buckets=(512, 1024, 1536), logprob_chunk=8192)
   c.train.optimizer.update(learning_rate=1e-3)
   c.grpo.kl_beta = 0.0
+  c.validation.update(every=2, num_tasks=2, samples=2)
   c.checkpoint.update(every=1, keep=2)
   c.progress_bar = False
   return c

@@ -1,5 +1,6 @@
 """The training loop on the tiny config: logs, checkpoints, resume after SIGKILL, refusals."""
 import importlib.util
+import json
 import os
 import pathlib
 import signal
@@ -56,6 +57,8 @@ def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
   for tag in ("reward/mean", "train/clip_frac", "knobs/num_tools", "episodes/tool_calls",
               "time/update", "world/tasks/generated"):
     assert scalar_steps(tmp_path / "tb", tag) == [1, 2], tag
+  assert scalar_steps(tmp_path / "tb", "val/reward_mean") == [2]  # validation.every = 2
+  assert 1 <= len(json.loads((tmp_path / "validation_tasks.json").read_text())) <= 2
   lines = (tmp_path / "episodes" / "step_2.jsonl").read_text().splitlines()
   assert lines and '"messages"' in lines[0] and '"judge_reason"' in lines[0]
   # The same workdir with another model shape is refused, by name.

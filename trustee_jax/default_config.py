@@ -44,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-6, schedule="constant", warmup_steps=0, total_updates=800,
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+  # Fixed simulated tasks, run every `every` steps (0: off) with validation sampling settings.
+  c.validation = ml_collections.ConfigDict(dict(every=10, num_tasks=16, samples=4,
+                                                temperature=0.6, top_p=0.95, top_k=20))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3))
   c.log = ml_collections.ConfigDict(dict(episodes_every=1, episodes_per_log=8))
   return c

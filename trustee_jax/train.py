@@ -23,6 +23,7 @@ from trustee_jax.chat import ChatFormat
 from trustee_jax.models import model_configs, tokenizer as tok_lib, weights
 from trustee_jax.models.transformer import create_model
 from trustee_jax.sampling.engine import Engine
+from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger
 from trustee_jax.world import build_world
 
@@ -177,11 +178,40 @@ class Trainer:
     scalars.update(self.world.stats())
     return {"scalars": scalars, "result": result, "tasks": tasks}
 
+  # ---- validation ----------------------------------------------------------------------
+
+  async def _validation_tasks(self) -> list:
+    """A fixed set, generated once at the start and saved in the workdir (reloaded on resume)."""
+    path = self.workdir / "validation_tasks.json"
+    if path.exists():
+      return [Task.from_dict(d) for d in json.loads(path.read_text())]
+    v = self.cfg.validation
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x7FFFFFFF)  # not a train step
+    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, v.num_tasks)
+    tasks = await self.world.make_tasks(knobs.unbatch(), rollout.derive_seed(self.cfg.seed, -1))
+    path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
+    return tasks
+
+  async def validate(self, step: int, tasks: list) -> dict[str, float]:
+    """Validation sampling settings (DESIGN.md §7) on the fixed tasks; logged apart."""
+    v = self.cfg.validation
+    cfg = dataclasses.replace(self.rollout_cfg, group_size=v.samples, temperature=v.temperature,
+                              top_p=v.top_p, top_k=v.top_k)
+    result = await rollout.run_rollouts(
+        tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
+        cfg=cfg, seed=rollout.derive_seed(self.cfg.seed, -1), step=step,
+        max_concurrent=self.cfg.rollout_concurrency)
+    eps = result.episodes
+    return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
+            "val/success_rate": float(np.mean([e.judge_score == 1 for e in eps])) if eps else 0.0,
+            "val/episodes": float(len(eps))}
+
   # ---- the loop ------------------------------------------------------------------------
 
   async def run(self) -> dict[str, Any]:
     cfg = self.cfg
     last = {}
+    val_tasks = await self._validation_tasks() if cfg.validation.every else []
     bar = tqdm.tqdm(range(self.start_step + 1, cfg.train.steps + 1), desc="train",
                     initial=self.start_step, total=cfg.train.steps, disable=not cfg.progress_bar)
     for step in bar:
@@ -191,6 +221,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.ckpt.save(step, self.state, self.meta)
         scalars["time/checkpoint"] = time.perf_counter() - t0
+      if val_tasks and step % cfg.validation.every == 0:
+        scalars.update(await self.validate(step, val_tasks))
       self.log.scalars(step, scalars)
       if cfg.log.episodes_every and step % cfg.log.episodes_every == 0:
         self.log.episodes(step, out["result"].episodes[:cfg.log.episodes_per_log], out["tasks"],
