@@ -189,10 +189,6 @@ def test_prefill_into_rows_then_decode_matches_full_forward(tiny):
   assert np.asarray(counts)[2].sum() == steps + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sampler.prefill resets counts with counts.at[safe_rows].set(where(real, 0, "
-    "counts[safe_rows])): padding rows alias slot 0, so the scatter has duplicate indices and "
-    "slot 0 can keep the previous request's token counts (frequency penalty leaks)"))
 def test_prefill_resets_counts_of_a_real_slot_zero_beside_padding(tiny):
   cfg = tiny.cfg
   graphdef, state = nnx.split(tiny)

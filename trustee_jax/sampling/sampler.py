@@ -104,7 +104,8 @@ def prefill(graphdef, state, cache: KVCache, counts: Array, tokens: Array, posit
                                       attend_len=attend_len)
   last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
   logits = model.logits(last)
-  counts = counts.at[safe_rows].set(jnp.where(real[:, None], 0, counts[safe_rows]))
+  # New requests start with zero counts; padding rows index past the end and are dropped.
+  counts = counts.at[jnp.where(real, rows, counts.shape[0])].set(0, mode="drop")
   out = sample_rows(logits, sampling, None, bitmask, use_filter=use_filter, n_top=n_top)
   counts = _add_counts(counts, safe_rows, out[0], real)
   return cache, counts, out
