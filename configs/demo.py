@@ -11,9 +11,10 @@ def get_config():
   c.engine.update(num_slots=8, cache_len=1024)
   c.simulator.update(num_slots=8, cache_len=2048, max_concurrency=8, timeout_s=300.0)
   c.world.task.update(max_tokens=320, hidden_facts=False, initial_state=False)
-  c.world.user.update(max_tokens=96)
-  c.world.tools.update(max_tokens=96, max_result_chars=256)
-  c.world.judge.update(max_tokens=128, max_criteria=2)
+  # Short simulator replies: the JSON limits fit max_tokens, so replies are not cut and re-asked.
+  c.world.user.update(max_tokens=160, max_thought_chars=120, max_response_chars=200)
+  c.world.tools.update(max_tokens=160, max_result_chars=256, max_notes_chars=120)
+  c.world.judge.update(max_tokens=160, max_criteria=2, max_reason_chars=160)
   c.rollout.update(group_size=4, max_turn_tokens=64, max_episode_tokens=1024)
   c.train.update(steps=3, tasks_per_step=2, updates_per_step=1, micro_batch=4,
                  length_buckets=(256, 512, 1024))
