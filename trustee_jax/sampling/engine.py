@@ -105,7 +105,7 @@ class Engine:
   """Serves generation requests over `num_slots` decode slots of one model."""
 
   def __init__(self, model: Transformer, *, num_slots: int = 16, cache_len: int = 2048,
-               decode_chunk: int = 8, max_queue: int = 4096,
+               decode_chunk: int = 8, prefill_chunk: int = 512, max_queue: int = 4096,
                decode_fn: Callable[[list[int]], str] | None = None,
                grammar_compiler: constrained.GrammarCompiler | None = None,
                static_batching: bool = False, seed: int = 0):
@@ -116,6 +116,7 @@ class Engine:
     self.graphdef, self.state = nnx.split(model)
     self.num_slots, self.cache_len = num_slots, cache_len
     self.decode_chunk, self.max_queue = decode_chunk, max_queue
+    self.prefill_chunk = prefill_chunk
     self.decode_fn, self.grammar = decode_fn, grammar_compiler
     self.static_batching = static_batching
     self.cache = KVCache.zeros(cfg, num_slots, cache_len)
@@ -288,7 +289,24 @@ class Engine:
         constrained.fill_mask(r.matcher, mask, i)
     return mask
 
+  def _fill_leading_chunks(self, slot_id: int, req: _Request, start: int) -> int:
+    """Prefills all but the last `prefill_chunk` new tokens of a long prompt; returns where
+    the sampled prefill starts."""
+    while len(req.prompt) - start > self.prefill_chunk:
+      end = start + self.prefill_chunk
+      self.cache = sampler.fill_cache(
+          self.graphdef, self.state, self.cache,
+          jnp.asarray([req.prompt[start:end]], jnp.int32),
+          jnp.arange(start, end, dtype=jnp.int32)[None], jnp.asarray([slot_id], jnp.int32),
+          attend_len=_bucket(end, 128, self.cache_len))
+      self.stats["prefill_tokens"] += end - start
+      start = end
+    return start
+
   def _prefill(self, admitted: list[tuple[int, _Request, int]]) -> None:
+    for i, (slot_id, req, reuse) in enumerate(admitted):
+      req.cached = reuse
+      admitted[i] = (slot_id, req, self._fill_leading_chunks(slot_id, req, reuse))
     admitted.sort(key=lambda a: len(a[1].prompt) - a[2])
     groups: dict[int, list] = collections.defaultdict(list)
     for slot_id, req, reuse in admitted:
@@ -300,14 +318,13 @@ class Engine:
       rows = np.full((n,), -1, np.int32)
       last = np.zeros((n,), np.int32)
       reqs: list[_Request | None] = [None] * n
-      for i, (slot_id, req, reuse) in enumerate(group):
-        new = req.prompt[reuse:]
+      for i, (slot_id, req, start) in enumerate(group):
+        new = req.prompt[start:]
         tokens[i, :len(new)] = new
-        positions[i, :len(new)] = np.arange(reuse, len(req.prompt))
+        positions[i, :len(new)] = np.arange(start, len(req.prompt))
         rows[i], last[i], reqs[i] = slot_id, len(new) - 1, req
-        req.cached = reuse
         self.stats["prefill_tokens"] += len(new)
-        self.stats["reused_tokens"] += reuse
+        self.stats["reused_tokens"] += req.cached
       attend = _bucket(max(len(r.prompt) for r in reqs if r), 128, self.cache_len)
       use_filter, n_top = self._flags(reqs)
       self.cache, self.counts, out = sampler.prefill(

@@ -111,6 +111,19 @@ def prefill(graphdef, state, cache: KVCache, counts: Array, tokens: Array, posit
   return cache, counts, out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend_len"), donate_argnames=("cache",))
+def fill_cache(graphdef, state, cache: KVCache, tokens: Array, positions: Array, rows: Array, *,
+               attend_len: int) -> KVCache:
+  """Writes a leading chunk of long prompts [n, T] into cache rows `rows`; nothing sampled.
+
+  Chunked prefill bounds the attention scores of a long prompt to chunk x context instead
+  of context x context.
+  """
+  model = nnx.merge(graphdef, state)
+  _, cache = model.hidden_states(tokens, positions, cache, cache_rows=rows, attend_len=attend_len)
+  return cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "attend_len", "use_filter",
                                              "n_top"),
                    donate_argnames=("cache", "counts"))
