@@ -142,9 +142,9 @@ class Engine:
     if params.grammar is not None or params.json_schema is not None:
       if self.grammar is None:
         raise RequestError("constrained decoding needs an engine built with a grammar compiler")
-      grammar = params.grammar or constrained.json_schema_grammar(params.json_schema)
       try:
-        matcher = self.grammar.matcher(grammar)
+        matcher = self.grammar.matcher(
+            params.grammar or constrained.json_schema_grammar(params.json_schema))
       except constrained.GrammarError as e:
         raise RequestError(str(e)) from e
     seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
