@@ -86,6 +86,16 @@ class _Slot:
   last_used: int = 0
 
 
+def _resolve(future: concurrent.futures.Future, result=None, error=None) -> None:
+  """Sets a request's outcome unless its caller cancelled it (a client that went away)."""
+  if future.cancelled():
+    return
+  try:
+    future.set_exception(error) if error is not None else future.set_result(result)
+  except concurrent.futures.InvalidStateError:  # cancelled in between: nobody is waiting
+    pass
+
+
 def _bucket(n: int, smallest: int, cap: int) -> int:
   b = smallest
   while b < n:
@@ -239,10 +249,10 @@ class Engine:
   def _fail_all(self, error: Exception, pending: bool = True) -> None:
     for slot in self.slots:
       if slot.request is not None:
-        slot.request.future.set_exception(error)
+        _resolve(slot.request.future, error=error)
         slot.request, slot.cached_ids = None, []
     while pending and self._pending:
-      self._pending.popleft().future.set_exception(error)
+      _resolve(self._pending.popleft().future, error=error)
 
   def _take_admissions(self) -> list[tuple[int, _Request, int]]:
     if self.static_batching and self._busy():
@@ -339,7 +349,17 @@ class Engine:
         slot.position = len(req.prompt)
         self._record(slot, int(toks[i]), float(lps[i]), top_ids[i], top_lps[i])
 
+  def _drop_cancelled(self) -> None:
+    """Frees the slots of requests whose callers cancelled them (e.g. a client disconnect)."""
+    for slot in self.slots:
+      if slot.request is not None and slot.request.future.cancelled():
+        self.stats["requests_cancelled"] += 1
+        slot.request, slot.cached_ids = None, []
+
   def _decode(self) -> None:
+    self._drop_cancelled()
+    if not self._busy():
+      return
     reqs = [s.request for s in self.slots]
     live = [(i, r) for i, r in enumerate(reqs) if r]
     steps = 1 if any(r.matcher is not None for _, r in live) else self.decode_chunk
@@ -397,7 +417,7 @@ class Engine:
     slot.last_used = self._clock
     slot.request = None
     self.stats["requests_done"] += 1
-    req.future.set_result(Completion(
+    _resolve(req.future, Completion(
         prompt_ids=req.prompt, tokens=req.tokens, logprobs=req.logprobs,
         top_logprobs=req.top if p.top_logprobs else None, finish_reason=finish, stop=stop,
         cached_tokens=req.cached))
