@@ -21,8 +21,9 @@ from trustee_jax.eval import venv as venv_lib
 from trustee_jax.eval.common import Endpoint, EvalError
 
 BFCL_VERSION = "2026.3.23"
-# torch pinned so pip takes the CPU build this machine has (and no CUDA wheels elsewhere).
-SPEC = venv_lib.VenvSpec("bfcl", (f"bfcl-eval=={BFCL_VERSION}", "torch==2.13.0"))
+# torch pinned so pip takes the CPU build this machine has (and no CUDA wheels elsewhere);
+# soundfile because qwen-agent (a bfcl-eval dependency) imports it without declaring it.
+SPEC = venv_lib.VenvSpec("bfcl", (f"bfcl-eval=={BFCL_VERSION}", "torch==2.13.0", "soundfile"))
 RUNNER = pathlib.Path(__file__).with_name("bfcl_runner.py")
 DEFAULT_HANDLER = "trustee-chat-FC"
 
