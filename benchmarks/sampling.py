@@ -148,27 +148,52 @@ def constrained_section(model, tok, cache_len):
   prompts = [tok.encode(tok.hf.apply_chat_template(
       [{"role": "user", "content": f"Judge answer number {i}: is it helpful? Reply in JSON."}],
       tokenize=False, add_generation_prompt=True)) for i in range(n)]
-  with Engine(model, num_slots=n, cache_len=cache_len, grammar_compiler=compiler) as eng:
+  with Engine(model, num_slots=n, cache_len=cache_len, grammar_compiler=compiler) as eng, \
+       Engine(model, num_slots=n, cache_len=cache_len, decode_chunk=1) as one_step:
     schema_params = SamplingParams(max_new_tokens=320, temperature=0.0, json_schema=JUDGE)
     first = eng.generate(prompts, schema_params)
     lengths = [len(c.tokens) for c in first]
     assert all(c.finish_reason == "stop" for c in first), [c.finish_reason for c in first]
     free = [SamplingParams(max_new_tokens=k, temperature=0.0) for k in lengths]
-    eng.stats.clear()
 
     def check(name, out):
       assert [len(c.tokens) for c in out] == lengths, name
 
     res = common.alternate({"constrained": lambda: eng.generate(prompts, schema_params),
-                            "unconstrained": lambda: eng.generate(prompts, free)},
+                            "unconstrained": lambda: eng.generate(prompts, free),
+                            "unconstrained_one_step_chunks": lambda: one_step.generate(
+                                prompts, free)},
                            rounds=_ROUNDS.value, check=check)
   total = sum(lengths)
   out = {name: {"tokens_per_s": total / r["min_s"], "runs_s": r["runs_s"]}
          for name, r in res.items()}
-  out.update(requests=n, tokens=total, mean_tokens=total / n,
-             slowdown=res["constrained"]["min_s"] / res["unconstrained"]["min_s"])
+  mask_s, steps = _mask_time(compiler, [c.tokens for c in first])
+  out.update(requests=n, tokens=total, mean_tokens=total / n, decode_steps=steps,
+             host_mask_ms_per_step=1000 * mask_s / steps,
+             host_mask_share_of_constrained=mask_s / res["constrained"]["min_s"],
+             slowdown=res["constrained"]["min_s"] / res["unconstrained"]["min_s"],
+             slowdown_from_one_step_chunks=res["unconstrained_one_step_chunks"]["min_s"]
+             / res["unconstrained"]["min_s"])
   print(f"constrained: {out}", flush=True)
   return out
+
+
+def _mask_time(compiler, outputs: list[list[int]]) -> tuple[float, int]:
+  """Host seconds the engine's per-step mask work takes for these outputs (fill + consume,
+  every live row each step, as the engine does it), and the number of steps."""
+  grammar = constrained.json_schema_grammar(JUDGE)
+  matchers = [compiler.matcher(grammar) for _ in outputs]
+  steps = max(map(len, outputs))
+  total = 0.0
+  for j in range(steps):
+    start = time.perf_counter()
+    mask = compiler.allocate(len(outputs))
+    for i, toks in enumerate(outputs):
+      if j < len(toks):
+        constrained.fill_mask(matchers[i], mask, i)
+        assert matchers[i].consume_token(toks[j])
+    total += time.perf_counter() - start
+  return total, steps
 
 
 def _staggered(eng, prompts, params, gap):
