@@ -14,9 +14,12 @@ at the checkpoint's step. The step comes from --step, or from the trustee_export
 --local_model_path. --base_endpoint also evaluates the base model first (as step 0). At the end
 a table compares every result of the benchmark in the workdir, base first.
 """
+import dataclasses
+import json
 import os
 import pathlib
 import sys
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -57,47 +60,50 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", 200, "τ²: steps per simulation.
 
 
 def _export_step(path: str | None) -> int | None:
-  import json  # noqa: PLC0415
+  """The checkpoint step recorded by launch/export_hf.py in the served directory."""
   record = pathlib.Path(path) / "trustee_export.json" if path else None
   if record is None or not record.is_file():
     return None
   return json.loads(record.read_text()).get("step")
 
 
-def _runner(benchmark: str, endpoint, local_path: str | None, venvs):
-  """A zero-argument function running the benchmark, and its settings as a dict."""
-  import dataclasses  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One model to evaluate: its endpoint, checkpoint step, label and (BFCL) local directory."""
+  endpoint: Any
+  step: int | None
+  label: str | None
+  local_path: str | None
+
+  @property
+  def name(self) -> str:
+    from trustee_jax.eval.common import run_label  # noqa: PLC0415
+    if self.step is None and not self.label:
+      return "unknown"  # common.evaluate refuses it before anything runs
+    return run_label(self.step, self.label)
+
+
+def runner(benchmark: str, target: Target, workdir: pathlib.Path, venvs):
+  """A zero-argument function running the benchmark on `target`, and its settings as a dict."""
   from trustee_jax.eval import bfcl, common, tau2  # noqa: PLC0415
-  out_name = lambda: common.results_dir(_WORKDIR.value) / f"{benchmark}-{endpoint.model_label}"
+  out_dir = common.results_dir(workdir) / f"{benchmark}-{target.name}"
   if benchmark == "bfcl":
     settings = bfcl.BFCLSettings(
         categories=tuple(bfcl.resolve_categories(_CATEGORIES.value)), limit=_LIMIT.value,
-        handler=_HANDLER.value, local_model_path=local_path, threads=_THREADS.value,
+        handler=_HANDLER.value, local_model_path=target.local_path, threads=_THREADS.value,
         max_tokens=_MAX_TOKENS.value)
     settings.check()
-    fn = lambda: bfcl.run(endpoint.ep, settings, out_name(), venv_root=venvs)
+    fn = lambda: bfcl.run(target.endpoint, settings, out_dir, venv_root=venvs)
   else:
     user = common.resolve_endpoint(_USER_ENDPOINT.value or _ENDPOINT.value, _USER_MODEL.value,
-                                   _USER_KEY.value or endpoint.ep.api_key)
+                                   _USER_KEY.value or target.endpoint.api_key)
     settings = tau2.Tau2Settings(
         domains=tuple(tau2.resolve_domains(_CATEGORIES.value)), num_trials=_TRIALS.value,
         limit=_LIMIT.value, max_steps=_MAX_STEPS.value, max_concurrency=_CONCURRENCY.value,
         max_tokens=_MAX_TOKENS.value)
     settings.check()
-    fn = lambda: tau2.run(endpoint.ep, user, settings, out_name(), venv_root=venvs)
+    fn = lambda: tau2.run(target.endpoint, user, settings, out_dir, venv_root=venvs)
   return fn, dataclasses.asdict(settings)
-
-
-class _Target:
-  """One model to evaluate: its endpoint, step and label."""
-
-  def __init__(self, ep, step, label):
-    self.ep, self.step, self.label = ep, step, label
-
-  @property
-  def model_label(self) -> str:
-    from trustee_jax.eval.common import run_label  # noqa: PLC0415
-    return run_label(self.step, self.label)
 
 
 def main(argv):
@@ -109,14 +115,17 @@ def main(argv):
   try:
     targets = []
     if _BASE_ENDPOINT.value:
-      targets.append((_Target(common.resolve_endpoint(_BASE_ENDPOINT.value, None, key), 0, None),
-                      _BASE_LOCAL.value or _LOCAL.value))
+      targets.append(Target(common.resolve_endpoint(_BASE_ENDPOINT.value, None, key), 0, None,
+                            _BASE_LOCAL.value or _LOCAL.value))
     step = _STEP.value if _STEP.value is not None else _export_step(_LOCAL.value)
-    targets.append((_Target(common.resolve_endpoint(_ENDPOINT.value, _MODEL.value, key), step,
-                            _LABEL.value), _LOCAL.value))
-    runs = [(t, *_runner(_BENCH.value, t, local, venvs)) for t, local in targets]
+    if step is None and not _LABEL.value:
+      raise common.EvalError("the served model's step is unknown: pass --step (0 for the base "
+                             "model) or --label, or a --local_model_path written by export_hf.py")
+    targets.append(Target(common.resolve_endpoint(_ENDPOINT.value, _MODEL.value, key), step,
+                          _LABEL.value, _LOCAL.value))
+    runs = [(t, *runner(_BENCH.value, t, workdir, venvs)) for t in targets]  # check all first
     for target, fn, settings in runs:
-      common.evaluate(workdir, _BENCH.value, target.ep, fn, step=target.step,
+      common.evaluate(workdir, _BENCH.value, target.endpoint, fn, step=target.step,
                       label=target.label, settings=settings)
     results = common.load_results(workdir, _BENCH.value)
   except common.EvalError as e:

@@ -260,3 +260,70 @@ def test_launcher_refuses_what_cannot_run(stub_url, tmp_path):
   proc = _launch("--benchmark=tau2", "--endpoint=http://127.0.0.1:9", f"--workdir={tmp_path}")
   assert proc.returncode != 0 and "GET /v1/models failed" in proc.stderr
   assert not (tmp_path / "eval").exists()
+
+
+# ---------------------------------------------------------------------------- end to end
+# Both benchmarks against the embedded server serving SmolLM2 exported as an HF directory.
+# A 135M model scores ~0: the pipeline is what is tested. The first run builds each
+# virtualenv (about 6 minutes each here); they are reused from $TRUSTEE_EVAL_VENVS after.
+
+
+def _needs_venv(spec):
+  if not venv_lib.is_ready(spec):
+    ok, why = venv_lib.index_reachable(spec.requirements[0])
+    if not ok:
+      pytest.skip(f"package index unreachable, cannot build the {spec.name} virtualenv: {why}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_endpoint(tmp_path_factory):
+  from trustee_jax import export
+  from trustee_jax.simulator.server import ServerThread, load_simulator
+  out = export.export_base("smollm2", tmp_path_factory.mktemp("smollm2") / "hf")
+  sim = load_simulator(str(out), num_slots=2, cache_len=8192)
+  server = ServerThread(sim.app(), "127.0.0.1", 0).start()
+  try:
+    yield common.resolve_endpoint(server.url), out
+  finally:
+    server.stop()
+    sim.close()
+
+
+@pytest.mark.slow
+@pytest.mark.eval
+def test_bfcl_end_to_end_on_smollm2(smollm2_endpoint, tmp_path):
+  _needs_venv(bfcl.SPEC)
+  endpoint, local = smollm2_endpoint
+  settings = bfcl.BFCLSettings(categories=("simple_python", "live_simple", "multi_turn_base"),
+                               limit=1, local_model_path=str(local), threads=2, max_tokens=64)
+  out_dir = common.results_dir(tmp_path) / "bfcl-base"
+  result, path = common.evaluate(
+      tmp_path, "bfcl", endpoint, lambda: bfcl.run(endpoint, settings, out_dir),
+      step=0, settings={"limit": 1})
+  per_category = result.details["per_category"]
+  assert set(per_category) == set(settings.categories)
+  assert all(v["total_count"] == 1 and 0 <= v["accuracy"] <= 1 for v in per_category.values())
+  for result_file in (out_dir / "result").rglob("*_result.json"):
+    for line in result_file.read_text().splitlines():
+      answer = json.loads(line)["result"]
+      assert not (isinstance(answer, str) and answer.startswith("Error during inference")), line
+  assert json.loads(path.read_text())["scores"]["mean/all"] == result.scores["mean/all"]
+  assert scalar_steps(tmp_path / "tb", "eval/bfcl/multi_turn_base") == [0]
+
+
+@pytest.mark.slow
+@pytest.mark.eval
+def test_tau2_mock_end_to_end_on_smollm2(smollm2_endpoint, tmp_path):
+  _needs_venv(tau2.SPEC)
+  endpoint, _ = smollm2_endpoint
+  settings = tau2.Tau2Settings(domains=("mock",), limit=1, max_steps=6, max_tokens=48,
+                               max_concurrency=1)
+  out_dir = common.results_dir(tmp_path) / "tau2-step_5"
+  result, path = common.evaluate(
+      tmp_path, "tau2", endpoint, lambda: tau2.run(endpoint, endpoint, settings, out_dir),
+      step=5)
+  assert set(result.scores) == {"mock/pass^1", "mock/avg_reward"}
+  mock = result.details["per_domain"]["mock"]
+  assert mock["num_tasks"] == 1 and mock["termination"]["total_simulations"] == 1
+  assert (out_dir / "mock.json").is_file() and path.is_file()
+  assert scalar_steps(tmp_path / "tb", "eval/tau2/mock/pass^1") == [5]

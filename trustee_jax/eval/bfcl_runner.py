@@ -40,12 +40,16 @@ def parse_args(argv):
 
 def register_handler(served_name: str) -> None:
   """Adds trustee-chat-FC to BFCL's model table (the one dict every module imported)."""
+  from bfcl_eval.constants.enums import ModelStyle
   from bfcl_eval.constants.model_config import MODEL_CONFIG_MAPPING, ModelConfig
+  from bfcl_eval.constants.type_mappings import GORILLA_TO_OPENAPI
   from bfcl_eval.model_handler.local_inference.qwen_fc import QwenFCHandler
+  from bfcl_eval.model_handler.utils import convert_to_tool
 
   def format_prompt(self, messages, function):
-    """Prompts rendered by the model's own chat template with the tools in OpenAI form."""
-    tools = [{"type": "function", "function": f} for f in function] or None
+    """Prompts rendered by the model's own chat template with the tools in OpenAI form (as
+    BFCL gives them to OpenAI FC models: JSON-schema types, '.' in names as '_')."""
+    tools = convert_to_tool(function, GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS) or None
     return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                               add_generation_prompt=True)
 
@@ -57,7 +61,7 @@ def register_handler(served_name: str) -> None:
       model_name=served_name, display_name="trustee-jax policy (FC)",
       url="https://github.com/", org="trustee-jax", license="apache-2.0",
       model_handler=handler, input_price=None, output_price=None,
-      is_fc_model=True, underscore_to_dot=False)
+      is_fc_model=True, underscore_to_dot=True)
 
 
 def cap_context_at_served_length(max_tokens: int | None) -> None:
