@@ -257,8 +257,11 @@ def test_launcher_refuses_what_cannot_run(stub_url, tmp_path):
   proc = _launch("--benchmark=bfcl", f"--endpoint={stub_url}", f"--workdir={tmp_path}",
                  "--categories=web_search_base", "--step=3")
   assert proc.returncode != 0 and "cannot run here" in proc.stderr
-  proc = _launch("--benchmark=tau2", "--endpoint=http://127.0.0.1:9", f"--workdir={tmp_path}")
+  proc = _launch("--benchmark=tau2", "--endpoint=http://127.0.0.1:9", f"--workdir={tmp_path}",
+                 "--step=1")
   assert proc.returncode != 0 and "GET /v1/models failed" in proc.stderr
+  proc = _launch("--benchmark=tau2", f"--endpoint={stub_url}", f"--workdir={tmp_path}")
+  assert proc.returncode != 0 and "step is unknown" in proc.stderr
   assert not (tmp_path / "eval").exists()
 
 
