@@ -40,6 +40,8 @@ _MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", None, "Cap on replies t
                                    "max_tokens (default: the rest of the context).")
 _PARENT_PID = flags.DEFINE_integer("parent_pid", None, "Exit when this process dies.")
 _GRACE = flags.DEFINE_float("graceful_timeout_s", 30.0, "Time in-flight requests get on stop.")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                               "uvicorn's log level ('info' logs every request).")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -88,7 +90,8 @@ def main(argv):
                        max_queue=_MAX_QUEUE.value, decode_chunk=_DECODE_CHUNK.value)
   api_key = _API_KEY.value or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
   server = ServerThread(sim.app(api_key, default_max_tokens=_MAX_TOKENS.value), _HOST.value,
-                        _PORT.value, graceful_timeout_s=_GRACE.value, log_level="info")
+                        _PORT.value, graceful_timeout_s=_GRACE.value,
+                        log_level=_LOG_LEVEL.value)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())
   try:

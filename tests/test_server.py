@@ -301,6 +301,27 @@ def test_queue_full_gets_429_with_retry_after_then_serves_again(tiny):
   assert resp.status_code == 200, resp.text
 
 
+def test_stop_lets_an_in_flight_request_finish(tiny):
+  engine, tok, gate, _ = tiny
+  server = ServerThread(build_app(engine, ChatFormat(tok), tok, "tiny")).start()
+  gate.clear()  # the request below (it has a stop string) blocks in the engine
+  replies = []
+  sender = threading.Thread(target=lambda: replies.append(
+      _post(server.url, "/v1/chat/completions", _chat(stop=["@@"]))))
+  sender.start()
+  time.sleep(1.0)
+  stopper = threading.Thread(target=server.stop)
+  stopper.start()
+  time.sleep(0.5)
+  assert stopper.is_alive()  # waiting for the in-flight request
+  gate.set()
+  stopper.join(60)
+  sender.join(60)
+  assert not stopper.is_alive() and replies[0].status_code == 200, replies
+  with pytest.raises(httpx.ConnectError):
+    httpx.get(server.url + "/health")
+
+
 # ---- reply shaping and grammars, without a server --------------------------------------------
 
 

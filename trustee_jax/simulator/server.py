@@ -208,14 +208,15 @@ class ServerThread:
         app, log_level=log_level, timeout_graceful_shutdown=int(graceful_timeout_s),
         lifespan="off"))
     self._socket: socket.socket | None = None
+    self._bound_port: int | None = None
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
 
   @property
   def port(self) -> int:
-    if self._socket is None:
+    if self._bound_port is None:
       raise RuntimeError("the server is not started")
-    return self._socket.getsockname()[1]
+    return self._bound_port
 
   @property
   def url(self) -> str:
@@ -231,7 +232,7 @@ class ServerThread:
     except OSError as e:
       sock.close()
       raise OSError(f"cannot bind {self.host}:{self._port}: {e}") from e
-    self._socket = sock
+    self._socket, self._bound_port = sock, sock.getsockname()[1]
     self._thread = threading.Thread(target=self._run, name="simulator-server", daemon=True)
     self._thread.start()
     waited = 0.0
