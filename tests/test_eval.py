@@ -197,7 +197,7 @@ def test_tau2_scores_from_its_metrics_files(tmp_path):
       {"total_simulations": 6, "skipped_samples": 1, "termination_reasons": {"user_stop": 5}}))
   summary = tau2.read_domain(tmp_path, "mock")
   assert summary["termination"]["skipped_samples"] == 1
-  assert tau2.scores_of({"mock": summary}) == {"mock/pass^1": 0.5, "mock/pass^2": 1 / 3,
+  assert tau2.scores_of({"mock": summary}) == {"mock/pass_hat_1": 0.5, "mock/pass_hat_2": 1 / 3,
                                                "mock/avg_reward": 0.5}
   with pytest.raises(common.EvalError, match="wrote no"):
     tau2.read_domain(tmp_path, "airline")
@@ -325,8 +325,8 @@ def test_tau2_mock_end_to_end_on_smollm2(smollm2_endpoint, tmp_path):
   result, path = common.evaluate(
       tmp_path, "tau2", endpoint, lambda: tau2.run(endpoint, endpoint, settings, out_dir),
       step=5)
-  assert set(result.scores) == {"mock/pass^1", "mock/avg_reward"}
+  assert set(result.scores) == {"mock/pass_hat_1", "mock/avg_reward"}
   mock = result.details["per_domain"]["mock"]
   assert mock["num_tasks"] == 1 and mock["termination"]["total_simulations"] == 1
   assert (out_dir / "mock.json").is_file() and path.is_file()
-  assert scalar_steps(tmp_path / "tb", "eval/tau2/mock/pass^1") == [5]
+  assert scalar_steps(tmp_path / "tb", "eval/tau2/mock/pass_hat_1") == [5]

@@ -104,14 +104,14 @@ def read_domain(results_dir: pathlib.Path, save_to: str) -> dict[str, Any]:
 
 
 def scores_of(per_domain: dict[str, dict[str, Any]]) -> dict[str, float]:
-  """<domain>/pass^k and <domain>/avg_reward for each domain run."""
+  """<domain>/pass_hat_<k> (pass^k; TensorBoard tags cannot hold '^') and <domain>/avg_reward."""
   scores = {}
   for domain, summary in per_domain.items():
     metrics = summary.get("metrics") or {}
     if "pass_at_k" not in metrics or "avg_reward" not in metrics:
       raise EvalError(f"τ²-bench metrics for {domain} lack pass_at_k/avg_reward: {metrics}")
     for k, v in metrics["pass_at_k"].items():
-      scores[f"{domain}/pass^{k}"] = float(v)
+      scores[f"{domain}/pass_hat_{k}"] = float(v)
     scores[f"{domain}/avg_reward"] = float(metrics["avg_reward"])
   return scores
 
