@@ -49,13 +49,43 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
   return time.perf_counter() - start, out
 
 
+class CompileCounter:
+  """Counts JAX compilations (every jit, on any thread) and their seconds while active.
+
+  Counts lowerings to MLIR; seconds add tracing, lowering and backend compile. Tiny
+  staging jits (JAX's own, for a host array of a new shape) count too: read the seconds.
+  """
+
+  LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+  TIMED = ("/jax/core/compile/jaxpr_trace_duration", LOWERING,
+           "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.count = 0
+    self.seconds = 0.0
+
+  def __call__(self, event, duration, **kw):
+    if event == self.LOWERING:
+      self.count += 1
+    if event in self.TIMED:
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
 def alternate(contenders: dict[str, Callable[[], Any]], rounds: int,
               check: Callable[[str, Any], None] | None = None) -> dict[str, dict[str, Any]]:
   """Warms each contender once, then times `rounds` runs each, alternating their order.
 
   Round r runs the contenders forwards when r is even and backwards when odd, so neither
   always runs first. `check(name, result)` sees every result (assert equal work there).
-  Returns per contender: first-call seconds (compile + run), every timed run, min, median.
+  Returns per contender: first-call seconds (compile + run), every timed run, min, median,
+  and how many JAX compilations happened inside timed runs (should be 0).
   """
   names = list(contenders)
   out: dict[str, dict[str, Any]] = {n: {"runs_s": []} for n in names}
@@ -66,8 +96,12 @@ def alternate(contenders: dict[str, Callable[[], Any]], rounds: int,
       check(n, result)
   for r in range(rounds):
     for n in (names if r % 2 == 0 else names[::-1]):
-      seconds, result = timed(contenders[n])
+      with CompileCounter() as compiles:
+        seconds, result = timed(contenders[n])
       out[n]["runs_s"].append(seconds)
+      out[n]["compiles_in_timed_runs"] = out[n].get("compiles_in_timed_runs", 0) + compiles.count
+      out[n]["compile_s_in_timed_runs"] = (out[n].get("compile_s_in_timed_runs", 0.0)
+                                           + compiles.seconds)
       if check:
         check(n, result)
   for n in names:

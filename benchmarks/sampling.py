@@ -10,11 +10,14 @@ asserted):
                 `generate` (min_new_tokens = max_new_tokens, EOS off), torch on fixed threads.
   constrained:  B requests under a JSON schema vs the same B unconstrained, each request
                 cut to exactly the length its constrained run had (greedy, so fixed).
-  makespan:     16 requests arriving staggered, max_new_tokens spread 16..256: the
+  makespan:     16 requests arriving staggered (evenly over the first half of the time one
+                static batch of them takes), max_new_tokens spread 16..256: the
                 continuous-batching engine vs Engine(static_batching=True) fed the same
                 arrivals, and vs one static batch formed when the last request arrives.
   conversation: a 4-turn conversation continued with prefix reuse vs re-prefilled
                 (the engine's caches dropped between turns).
+  breakdown:    ms per decode step: the engine's jitted decode, the model step alone, and
+                the sampling alone (where the time goes).
 The last line is one JSON object.
 """
 import pathlib
@@ -44,10 +47,13 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens in the decod
 _NEW = flags.DEFINE_integer("new_tokens", 64, "New tokens in the decode section.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed runs per contender.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch intra-op threads (CPU).")
-_SECTIONS = flags.DEFINE_list("sections", ["decode", "constrained", "makespan", "conversation"],
+_SECTIONS = flags.DEFINE_list("sections", ["decode", "constrained", "makespan", "conversation",
+                                           "breakdown"],
                               "Sections to run.")
 _CONSTRAINED_BATCH = flags.DEFINE_integer("constrained_batch", 16, "Requests, constrained.")
 _MAKESPAN_ROUNDS = flags.DEFINE_integer("makespan_rounds", 2, "Timed runs, makespan.")
+_WINDOW = flags.DEFINE_float("arrival_window", 0.5, "Makespan: the 16 arrivals spread evenly "
+                             "over this fraction of one static batch's run time.")
 _CONV_CONTEXT = flags.DEFINE_integer("conversation_context", 300, "First-turn prompt tokens.")
 
 JUDGE = {"type": "object", "additionalProperties": False, "required": ["reason", "score"],
@@ -123,6 +129,7 @@ def decode_section(torch, model, tok, hf, cache_len):
 
     with Engine(model, num_slots=batch, cache_len=cache_len) as eng:
       def run_engine(eng=eng, prompts=prompts):
+        eng.update_params(eng.state)  # no prefix reuse across runs: every run prefills
         return [c.tokens for c in eng.generate(prompts, params)]
       res = common.alternate({"engine": run_engine,
                               "transformers": _hf_generate(torch, hf, prompts, new)},
@@ -131,7 +138,9 @@ def decode_section(torch, model, tok, hf, cache_len):
                                                                         new)())])
     entry = {name: {"tokens_per_s": batch * new / r["min_s"],
                     "median_tokens_per_s": batch * new / r["median_s"],
-                    "first_call_s": r["first_call_s"], "runs_s": r["runs_s"]}
+                    "first_call_s": r["first_call_s"], "runs_s": r["runs_s"],
+                    "compiles_in_timed_runs": r["compiles_in_timed_runs"],
+                "compile_s_in_timed_runs": r["compile_s_in_timed_runs"]}
              for name, r in res.items()}
     entry["engine"]["compile_s"] = res["engine"]["first_call_s"] - res["engine"]["min_s"]
     entry["speedup"] = entry["engine"]["tokens_per_s"] / entry["transformers"]["tokens_per_s"]
@@ -159,13 +168,18 @@ def constrained_section(model, tok, cache_len):
     def check(name, out):
       assert [len(c.tokens) for c in out] == lengths, name
 
-    res = common.alternate({"constrained": lambda: eng.generate(prompts, schema_params),
-                            "unconstrained": lambda: eng.generate(prompts, free),
-                            "unconstrained_one_step_chunks": lambda: one_step.generate(
-                                prompts, free)},
+    def fresh(engine, params):
+      engine.update_params(engine.state)  # no prefix reuse across runs
+      return engine.generate(prompts, params)
+
+    res = common.alternate({"constrained": lambda: fresh(eng, schema_params),
+                            "unconstrained": lambda: fresh(eng, free),
+                            "unconstrained_one_step_chunks": lambda: fresh(one_step, free)},
                            rounds=_ROUNDS.value, check=check)
   total = sum(lengths)
-  out = {name: {"tokens_per_s": total / r["min_s"], "runs_s": r["runs_s"]}
+  out = {name: {"tokens_per_s": total / r["min_s"], "runs_s": r["runs_s"],
+                "compiles_in_timed_runs": r["compiles_in_timed_runs"],
+                "compile_s_in_timed_runs": r["compile_s_in_timed_runs"]}
          for name, r in res.items()}
   mask_s, steps = _mask_time(compiler, [c.tokens for c in first])
   out.update(requests=n, tokens=total, mean_tokens=total / n, decode_steps=steps,
@@ -198,6 +212,7 @@ def _mask_time(compiler, outputs: list[list[int]]) -> tuple[float, int]:
 
 def _staggered(eng, prompts, params, gap):
   """Submits request i at i*gap seconds from its own thread; returns makespan, tokens."""
+  eng.update_params(eng.state)  # no prefix reuse across runs
   done = [None] * len(prompts)
   start = time.perf_counter()
 
@@ -213,6 +228,49 @@ def _staggered(eng, prompts, params, gap):
   return time.perf_counter() - start, [c.tokens for c in done]
 
 
+def _pow2_upto(smallest: int, n: int, cap: int) -> list[int]:
+  out, b = [], smallest
+  while True:
+    out.append(min(b, cap))
+    if b >= n or b >= cap:
+      return out
+    b *= 2
+
+
+def _precompile(eng: Engine, prompt_len: int, max_len: int) -> None:
+  """Compiles every prefill and decode shape staggered arrivals can produce, on dummy
+  buffers shaped like the engine's: prefill groups of 1..num_slots rows, decode chunks of
+  1..decode_chunk steps, attention buckets up to `max_len` (the engine's bucket rules)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from trustee_jax.models.transformer import KVCache  # pylint: disable=import-outside-toplevel
+  from trustee_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
+  cache = KVCache.zeros(eng.cfg, eng.num_slots, eng.cache_len)
+  counts = jnp.zeros((eng.num_slots, eng.cfg.vocab_size), jnp.int32)
+
+  def rows(n):
+    full = lambda v, dt: jnp.full((n,), v, dt)  # noqa: E731
+    return sampler.RowSampling(full(0.0, jnp.float32), full(1.0, jnp.float32),
+                               full(0, jnp.int32), full(0.0, jnp.float32),
+                               full(0, jnp.uint32), full(0, jnp.int32))
+
+  width = _pow2_upto(16, prompt_len, eng.cache_len)[-1]
+  attend = _pow2_upto(128, prompt_len, eng.cache_len)[-1]
+  for n in _pow2_upto(1, eng.num_slots, eng.num_slots):
+    cache, counts, out = sampler.prefill(
+        eng.graphdef, eng.state, cache, counts, jnp.zeros((n, width), jnp.int32),
+        jnp.full((n, width), -1, jnp.int32), jnp.full((n,), -1, jnp.int32),
+        jnp.zeros((n,), jnp.int32), rows(n), None, attend_len=attend, use_filter=False,
+        n_top=0)
+  s = eng.num_slots
+  for attend in _pow2_upto(128, max_len, eng.cache_len):
+    for steps in _pow2_upto(1, eng.decode_chunk, eng.decode_chunk):
+      cache, counts, out = sampler.decode(
+          eng.graphdef, eng.state, cache, counts, jnp.zeros((s,), jnp.int32),
+          jnp.full((s,), -1, jnp.int32), rows(s), None, steps=steps, attend_len=attend,
+          use_filter=False, n_top=0)
+  common.block(out)
+
+
 def makespan_section(model, tok, cache_len):
   n = 16
   lengths = np.random.default_rng(1).permutation(np.linspace(16, 256, n).astype(int)).tolist()
@@ -221,26 +279,36 @@ def makespan_section(model, tok, cache_len):
   with Engine(model, num_slots=n, cache_len=cache_len) as cont, \
        Engine(model, num_slots=n, cache_len=cache_len, static_batching=True) as static:
     compile_s, want = common.timed(lambda: [c.tokens for c in cont.generate(prompts, params)])
+    cont.update_params(cont.state)
     batch_s, again = common.timed(lambda: [c.tokens for c in cont.generate(prompts, params)])
     assert again == want
-    gap = batch_s / n  # arrivals spread over about one static batch's run time
-    for eng in (cont, static):  # compile the group sizes and chunk lengths arrivals produce
-      assert _staggered(eng, prompts, params, gap)[1] == want
+    gap = _WINDOW.value * batch_s / n  # arrivals spread over part of one batch's run time
+    start = time.perf_counter()
+    _precompile(cont, _PROMPT_LEN.value, _PROMPT_LEN.value + max(lengths) + cont.decode_chunk)
+    precompile_s = time.perf_counter() - start
     runs = {"continuous": [], "static_engine": [], "one_static_batch": []}
+    compiled, compiled_s = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
     for r in range(_MAKESPAN_ROUNDS.value):
       order = ["continuous", "static_engine", "one_static_batch"]
       for name in (order if r % 2 == 0 else order[::-1]):
-        if name == "one_static_batch":  # formed once the last request has arrived
-          seconds, tokens = common.timed(lambda: [c.tokens for c in cont.generate(prompts,
-                                                                                  params)])
-          seconds += (n - 1) * gap
-        else:
-          seconds, tokens = _staggered(cont if name == "continuous" else static, prompts,
-                                       params, gap)
+        with common.CompileCounter() as compiles:
+          if name == "one_static_batch":  # formed once the last request has arrived
+            cont.update_params(cont.state)
+            seconds, tokens = common.timed(lambda: [c.tokens for c in cont.generate(prompts,
+                                                                                    params)])
+            seconds += (n - 1) * gap
+          else:
+            seconds, tokens = _staggered(cont if name == "continuous" else static, prompts,
+                                         params, gap)
+        compiled[name] += compiles.count
+        compiled_s[name] += compiles.seconds
         assert tokens == want, name  # equal work: the same tokens every time
         runs[name].append(seconds)
-  out = {name: {"makespan_s": min(v), "runs_s": v} for name, v in runs.items()}
-  out.update(arrival_gap_s=gap, first_batch_s=compile_s, max_new_tokens=lengths, total_tokens=sum(lengths),
+  out = {name: {"makespan_s": min(v), "runs_s": v, "compiles_in_timed_runs": compiled[name],
+                "compile_s_in_timed_runs": compiled_s[name]}
+         for name, v in runs.items()}
+  out.update(arrival_gap_s=gap, first_batch_s=compile_s, precompile_s=precompile_s,
+             max_new_tokens=lengths, total_tokens=sum(lengths),
              ratio_vs_static_engine=out["continuous"]["makespan_s"]
              / out["static_engine"]["makespan_s"],
              ratio_vs_one_static_batch=out["continuous"]["makespan_s"]
@@ -277,10 +345,68 @@ def conversation_section(model, tok, cache_len):
                             "re_prefill": lambda: conversation(eng, False)},
                            rounds=_ROUNDS.value, check=check)
   out = {name: {"seconds": r["min_s"], "runs_s": r["runs_s"],
+                "compiles_in_timed_runs": r["compiles_in_timed_runs"],
+                "compile_s_in_timed_runs": r["compile_s_in_timed_runs"],
                 "cached_tokens": info[name][0], "prefilled_tokens": info[name][1]}
          for name, r in res.items()}
   out["speedup"] = out["re_prefill"]["seconds"] / out["prefix_reuse"]["seconds"]
   print(f"conversation: {out}", flush=True)
+  return out
+
+
+def breakdown_section(model, cache_len):
+  """Per decode step at each batch: the engine's jitted decode (model + sampling), the model
+  step alone (argmax only), and the sampling alone, timed alternately over 8-step chunks."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from trustee_jax.models.transformer import KVCache  # pylint: disable=import-outside-toplevel
+  from trustee_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(model)
+  cfg, steps, attend = model.cfg, 8, 128
+
+  @functools.partial(jax.jit, donate_argnames=("cache",))
+  def model_steps(state, cache, tok, pos):
+    net = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+      cache, tok, pos = carry
+      logits, cache = net(tok[:, None], pos[:, None], cache, attend_len=attend)
+      return (cache, jnp.argmax(logits[:, 0], -1).astype(jnp.int32), pos + 1), None
+    (cache, tok, _), _ = jax.lax.scan(step, (cache, tok, pos), None, length=steps)
+    return cache, tok
+
+  sample = jax.jit(sampler.sample_rows, static_argnames=("use_filter", "n_top"))
+  out = {}
+  for batch in map(int, _BATCHES.value):
+    full = lambda v, dt, b=batch: jnp.full((b,), v, dt)  # noqa: E731
+    rows = sampler.RowSampling(full(0.0, jnp.float32), full(1.0, jnp.float32),
+                               full(0, jnp.int32), full(0.0, jnp.float32),
+                               full(0, jnp.uint32), full(0, jnp.int32))
+    bufs = {"engine": [KVCache.zeros(cfg, batch, cache_len),
+                       jnp.zeros((batch, cfg.vocab_size), jnp.int32)],
+            "model": [KVCache.zeros(cfg, batch, cache_len)]}
+    tok, pos = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 40, jnp.int32)
+    logits = jax.random.normal(jax.random.key(0), (batch, cfg.vocab_size))
+
+    def engine_step(b=bufs, tok=tok, pos=pos, rows=rows):
+      b["engine"][0], b["engine"][1], o = sampler.decode(
+          graphdef, state, b["engine"][0], b["engine"][1], tok, pos, rows, None, steps=steps,
+          attend_len=attend, use_filter=False, n_top=0)
+      return o
+
+    def model_step(b=bufs, tok=tok, pos=pos):
+      b["model"][0], o = model_steps(state, b["model"][0], tok, pos)
+      return o
+
+    res = common.alternate({
+        "engine_decode": engine_step, "model_only": model_step,
+        "sampling_only": lambda logits=logits, rows=rows, c=bufs["engine"]: [
+            sample(logits, rows, c[1], None, use_filter=False, n_top=0) for _ in range(steps)]},
+        rounds=_ROUNDS.value + 2)
+    out[f"batch_{batch}"] = {f"{k}_ms_per_step": 1000 * r["min_s"] / steps
+                             for k, r in res.items()}
+  print(f"breakdown: {out}", flush=True)
   return out
 
 
@@ -294,7 +420,7 @@ def main(_):
     if not flags.FLAGS["new_tokens"].present:
       flags.FLAGS.new_tokens = 128
     if not flags.FLAGS["sections"].present:
-      flags.FLAGS.sections = ["decode", "constrained"]
+      flags.FLAGS.sections = ["decode", "constrained", "breakdown"]
     if not flags.FLAGS["constrained_batch"].present:
       flags.FLAGS.constrained_batch = 64
   torch = common.pin_torch_threads(_THREADS.value)
@@ -306,7 +432,8 @@ def main(_):
   sections = {"decode": lambda: decode_section(torch, model, tok, hf, cache_len),
               "constrained": lambda: constrained_section(model, tok, cache_len),
               "makespan": lambda: makespan_section(model, tok, cache_len),
-              "conversation": lambda: conversation_section(model, tok, 1024)}
+              "conversation": lambda: conversation_section(model, tok, 1024),
+              "breakdown": lambda: breakdown_section(model, cache_len)}
   for name in _SECTIONS.value:
     start = time.perf_counter()
     out[name] = sections[name]()
