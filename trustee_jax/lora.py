@@ -157,7 +157,9 @@ def adapter_shardings(state: nnx.State, mesh, rules=shd.LOGICAL_RULES):
   return jax.tree_util.tree_map_with_path(one, state)
 
 
-def _abstract(cfg: ModelConfig, lcfg: LoraConfig, mesh, rules, seed: int) -> LoraTransformer:
+def abstract_model(cfg: ModelConfig, lcfg: LoraConfig, *, mesh=None, rules=shd.LOGICAL_RULES,
+                   seed: int = 0) -> LoraTransformer:
+  """Shapes only (no allocation): for graphdefs and ahead-of-time compiles."""
   return nnx.eval_shape(lambda: LoraTransformer(cfg, nnx.Rngs(0), lora=lcfg, mesh=mesh,
                                                 rules=rules, lora_seed=seed))
 
@@ -178,7 +180,8 @@ def add_lora(model: Transformer, lcfg: LoraConfig, *, seed: int = 0) -> LoraTran
   """Wraps a loaded base (its parameters are shared, not copied) with fresh adapters."""
   if isinstance(model, LoraTransformer):
     raise LoraError("model already has LoRA adapters; merge() it first")
-  graphdef = nnx.graphdef(_abstract(model.cfg, lcfg, model.mesh, model.rules, seed))
+  graphdef = nnx.graphdef(abstract_model(model.cfg, lcfg, mesh=model.mesh,
+                                        rules=model.rules, seed=seed))
   adapters = init_adapters(model.cfg, lcfg, seed=seed, mesh=model.mesh, rules=model.rules)
   return nnx.merge(graphdef, adapters, nnx.state(model))
 
