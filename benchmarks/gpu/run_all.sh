@@ -32,6 +32,9 @@ print('torch', torch.__version__, torch.cuda.get_device_name(0))" >> "$OUT/machi
 # name | command (one line each; later issues add theirs here)
 BENCHMARKS=(
   "sampling|python3 benchmarks/sampling.py --gpu"
+  "memory_8b|python3 benchmarks/memory_8b.py --platform gpu --configs gpu"
+  "update_8b_lora|python3 benchmarks/update_8b.py --mode lora"
+  "update_8b_full|python3 benchmarks/update_8b.py --mode full --micro_batch 1"
 )
 
 failed=0
