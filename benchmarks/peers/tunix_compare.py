@@ -12,6 +12,7 @@ cache is sized to prompt + generation, and ours to the same. Parity of logits an
 tokens is checked and reported, so both sides demonstrably compute the same thing.
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -322,27 +323,35 @@ def main() -> None:
   args = ap.parse_args()
   t_start = time.perf_counter()
   load_before = os.getloadavg()
+  # Each phase builds its own models (same seed, same weights) and drops them after: on a
+  # shared 24 GB machine, two models, two optimizer states and the backward's activations at
+  # 8 x 256 tokens is already ~8 GB.
   ours = our_model(args.seed)
-  tm = tunix_model(ours)
   rng = np.random.default_rng(args.seed + 1)
   probe = rng.integers(1, ours.cfg.vocab_size, (2, 32), dtype=np.int32)
   result = {"bench": "trustee-jax vs tunix", "tunix_version": "0.1.7",
             "jax": jax.__version__, "device": jax.devices()[0].device_kind,
             "model": "smollm2-135m shape, f32, rope_theta 1e6 (as Tunix)",
-            "logits_max_abs_diff": logits_gap(ours, tm, probe)}
+            "logits_max_abs_diff": logits_gap(ours, tunix_model(ours), probe)}
   if args.only in (None, "update"):
-    batch = grpo_batch(ours, args.seqs, args.prompt, args.completion, args.seed)
-    opt, ours_cfg, tx_cfg = optimizer_and_cfgs(args.beta)
+    del ours
     trainee = our_model(args.seed, args.remat)  # same weights (same seed), remat in the backward
+    batch = grpo_batch(trainee, args.seqs, args.prompt, args.completion, args.seed)
+    opt, ours_cfg, tx_cfg = optimizer_and_cfgs(args.beta)
     runners = {"trustee": our_update_runner(trainee, batch, opt, ours_cfg),
-               "tunix": tunix_update_runner(tunix_model(ours), batch, args.prompt, opt, tx_cfg)}
+               "tunix": tunix_update_runner(tunix_model(trainee), batch, args.prompt, opt, tx_cfg)}
     first = {n: round(r()[0], 2) for n, r in runners.items()}  # compiles
     tokens = args.seqs * (args.prompt + args.completion)
     result["update"] = {"sequences": args.seqs, "tokens_per_seq": args.prompt + args.completion,
                         "loss_tokens_per_seq": args.completion, "first_call_s": first,
                         "trustee_remat": args.remat, "tunix_remat": "NONE",
                         "tokens": rates(tokens, alternate(runners, args.update_reps))}
+    del runners, trainee, batch
+    gc.collect()
+    jax.clear_caches()
   if args.only in (None, "sampling"):
+    ours = our_model(args.seed)
+    tm = tunix_model(ours)
     result["sampling"] = {}
     for b in (int(x) for x in args.batches.split(",")):
       prompts = rng.integers(1, ours.cfg.vocab_size, (b, args.sample_prompt), dtype=np.int32)
