@@ -217,21 +217,27 @@ class Trainer:
     for step in bar:
       out = await self.train_step(step)
       scalars = out["scalars"]
+      if val_tasks and step % cfg.validation.every == 0:
+        scalars.update(await self.validate(step, val_tasks))
+      # Logs first, flushed, then the checkpoint: a run killed after the save has every
+      # scalar up to it on disk, and its resume purges only the steps after it.
+      self._log_step(step, scalars, out)
       if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
         t0 = time.perf_counter()
         self.ckpt.save(step, self.state, self.meta)
-        scalars["time/checkpoint"] = time.perf_counter() - t0
-      if val_tasks and step % cfg.validation.every == 0:
-        scalars.update(await self.validate(step, val_tasks))
-      self.log.scalars(step, scalars)
-      if cfg.log.episodes_every and step % cfg.log.episodes_every == 0:
-        self.log.episodes(step, out["result"].episodes[:cfg.log.episodes_per_log], out["tasks"],
-                          scalars["curriculum/level"])
+        self.log.scalars(step, {"time/checkpoint": time.perf_counter() - t0})
       bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.2f}",
                       level=f"{scalars['curriculum/level']:.0f}")
       last = scalars
     self.log.flush()
     return last
+
+  def _log_step(self, step: int, scalars: dict[str, float], out: dict[str, Any]) -> None:
+    self.log.scalars(step, scalars)
+    if self.cfg.log.episodes_every and step % self.cfg.log.episodes_every == 0:
+      self.log.episodes(step, out["result"].episodes[:self.cfg.log.episodes_per_log],
+                        out["tasks"], scalars["curriculum/level"])
+    self.log.flush()
 
   def close(self) -> None:
     self.engine.close()
