@@ -171,9 +171,10 @@ def optimizer_and_cfgs(beta: float):
   return opt, ours, theirs
 
 
-def our_update_runner(ours: Transformer, batch: dict, opt, cfg) -> Callable[[], float]:
+def our_update_runner(ours: Transformer, batch: dict, opt, cfg, micro: int) -> Callable:
+  """make_update_fn's jitted step: micro-batches scanned inside, one optimizer update."""
   graphdef, params = nnx.split(ours)
-  fn = update.make_update_fn(graphdef, opt, cfg, micro_batch=batch["tokens"].shape[0],
+  fn = update.make_update_fn(graphdef, opt, cfg, micro_batch=micro,
                              temperature=1.0, chunk_size=8192)
   dev = {k: jnp.asarray(v) for k, v in batch.items()}
   state = {"params": params, "opt": opt.init(params)}
@@ -186,9 +187,12 @@ def our_update_runner(ours: Transformer, batch: dict, opt, cfg) -> Callable[[], 
   return run
 
 
-def tunix_update_runner(tm, batch: dict, prompt: int, opt, cfg) -> Callable[[], float]:
-  """Tunix's own jitted PeftTrainer train step with its GRPO loss, as GRPOLearner wires it."""
-  trainer = tx_peft.PeftTrainer(tm, opt, tx_peft.TrainingConfig(eval_every_n_steps=10**9))
+def tunix_update_runner(tm, batch: dict, prompt: int, opt, cfg, micro: int) -> Callable:
+  """Tunix's own jitted PeftTrainer train step with its GRPO loss, as GRPOLearner wires it:
+  one call per micro-batch, optax.MultiSteps applying the update after the last."""
+  n = batch["tokens"].shape[0]
+  trainer = tx_peft.PeftTrainer(tm, opt, tx_peft.TrainingConfig(
+      eval_every_n_steps=10**9, gradient_accumulation_steps=n // micro))
   tok = IdTokenizer()
   loss_fn = lambda model, train_example, algo_config: tx_algo.grpo_loss_fn(  # noqa: E731
       model, train_example, algo_config=cfg, pad_id=tok.pad_id(), eos_id=tok.eos_id())
@@ -196,14 +200,15 @@ def tunix_update_runner(tm, batch: dict, prompt: int, opt, cfg) -> Callable[[], 
   trainer.with_gen_model_input_fn(lambda x: {"train_example": x, "algo_config": cfg})
   step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)
   mask = jnp.asarray(batch["loss_mask"][:, prompt:] > 0)
-  example = tx_grpo.TrainExample(
-      prompt_ids=jnp.asarray(batch["tokens"][:, :prompt]),
-      prompt_mask=jnp.ones(batch["tokens"][:, :prompt].shape, bool),
-      completion_ids=jnp.asarray(batch["tokens"][:, prompt:]), completion_mask=mask,
-      advantages=jnp.asarray(batch["advantages"]),
-      ref_per_token_logps=jnp.asarray(batch["ref_logprobs"][:, prompt:]),
-      old_per_token_logps=jnp.asarray(batch["old_logprobs"][:, prompt:]))
-  return lambda: timed(lambda: step(example)[0])
+  examples = [tx_grpo.TrainExample(
+      prompt_ids=jnp.asarray(batch["tokens"][i:i + micro, :prompt]),
+      prompt_mask=jnp.ones((micro, prompt), bool),
+      completion_ids=jnp.asarray(batch["tokens"][i:i + micro, prompt:]),
+      completion_mask=mask[i:i + micro], advantages=jnp.asarray(batch["advantages"][i:i + micro]),
+      ref_per_token_logps=jnp.asarray(batch["ref_logprobs"][i:i + micro, prompt:]),
+      old_per_token_logps=jnp.asarray(batch["old_logprobs"][i:i + micro, prompt:]))
+      for i in range(0, n, micro)]
+  return lambda: timed(lambda: [step(ex)[0] for ex in examples])
 
 
 # ---- (2) sampling -----------------------------------------------------------------------
@@ -311,6 +316,8 @@ def main() -> None:
   ap.add_argument("--completion", type=int, default=192, help="completion tokens (loss)")
   ap.add_argument("--beta", type=float, default=0.001, help="KL coefficient")
   ap.add_argument("--update-reps", type=int, default=2)
+  ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch "
+                  "(both sides; Tunix accumulates gradients over calls with optax.MultiSteps)")
   ap.add_argument("--remat", default="dots", help="our remat policy in the update (none, dots, "
                   "dots_no_batch, full); Tunix keeps its default RematConfig.NONE, its fastest")
   ap.add_argument("--sample-prompt", type=int, default=64)
@@ -338,13 +345,15 @@ def main() -> None:
     trainee = our_model(args.seed, args.remat)  # same weights (same seed), remat in the backward
     batch = grpo_batch(trainee, args.seqs, args.prompt, args.completion, args.seed)
     opt, ours_cfg, tx_cfg = optimizer_and_cfgs(args.beta)
-    runners = {"trustee": our_update_runner(trainee, batch, opt, ours_cfg),
-               "tunix": tunix_update_runner(tunix_model(trainee), batch, args.prompt, opt, tx_cfg)}
+    mb = args.micro_batch
+    runners = {"trustee": our_update_runner(trainee, batch, opt, ours_cfg, mb),
+               "tunix": tunix_update_runner(tunix_model(trainee), batch, args.prompt, opt, tx_cfg,
+                                            mb)}
     first = {n: round(r()[0], 2) for n, r in runners.items()}  # compiles
     tokens = args.seqs * (args.prompt + args.completion)
     result["update"] = {"sequences": args.seqs, "tokens_per_seq": args.prompt + args.completion,
                         "loss_tokens_per_seq": args.completion, "first_call_s": first,
-                        "trustee_remat": args.remat, "tunix_remat": "NONE",
+                        "micro_batch": mb, "trustee_remat": args.remat, "tunix_remat": "NONE",
                         "tokens": rates(tokens, alternate(runners, args.update_reps))}
     del runners, trainee, batch
     gc.collect()
