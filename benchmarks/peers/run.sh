@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # trustee-jax vs Tunix: builds .venv-tunix (google-tunix 0.1.7 pinned, this repo --no-deps) and
 # runs benchmarks/peers/tunix_compare.py, which prints one JSON line. Arguments pass through:
-#   bash benchmarks/peers/run.sh                 # the whole comparison (about 15 min on 2 cores)
+#   bash benchmarks/peers/run.sh                 # the whole comparison (17 min on the shared 2-core CPU)
 #   bash benchmarks/peers/run.sh --only update   # one figure
 # The venv sees the system site-packages, so Tunix runs on the very jax/flax this project uses
 # (jax 0.10.2, flax 0.12.8); what is missing there is installed into the venv at the pins below.
