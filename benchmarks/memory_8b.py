@@ -62,6 +62,19 @@ class Program:
   alias: int
   peak: int
 
+  error: str = ""
+
+  @classmethod
+  def compile(cls, lowered) -> "Program":
+    """Compiles and measures; a compiler that refuses for memory (TPU) is a row, not a crash."""
+    try:
+      return cls.of(lowered.compile())
+    except Exception as e:  # jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED ...
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      line = next(l for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l)
+      return cls(0, 0, 0, 0, 0, error=line.strip()[:300])
+
   @classmethod
   def of(cls, compiled) -> "Program":
     m = compiled.memory_analysis()
@@ -92,7 +105,7 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   """Compiles the config's update, decode and prefill; returns the memory table row."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
+  import optax
   from flax import nnx
 
   from trustee_jax import grpo, lora, update
@@ -128,9 +141,11 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
     base = with_shardings(base, shd.state_shardings(base, mesh))
     trainable = base
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  on_mesh = lambda s: s if s.device_set == set(devices) else replicated  # noqa: E731 (counts)
-  opt_state = with_shardings(jax.eval_shape(optimizer.init, trainable), jax.tree_util.tree_map(
-      on_mesh, jax.jit(optimizer.init).lower(trainable).compile().output_shardings))
+  param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+  opt_state = jax.eval_shape(optimizer.init, trainable)
+  opt_state = with_shardings(opt_state, optax.tree_utils.tree_map_params(  # moments as params
+      optimizer, lambda _, sh: sh, opt_state, param_shardings,
+      transform_non_params=lambda _: replicated))
 
   # the GRPO update on one mini-batch of the longest bucket
   def arr(shape, dtype):
@@ -149,7 +164,7 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
     lowered = fn.lower(adapters, opt_state, base, batch)
   else:
     lowered = update.make_update_fn(graphdef, optimizer, gcfg, **kw).lower(base, opt_state, batch)
-  upd = Program.of(lowered.compile())
+  upd = Program.compile(lowered)
 
   # the engine: its weights, KV cache and counts; decode chunk and worst-case prefill
   if use_lora and c.lora.sampler_weights == "merged":
@@ -173,15 +188,15 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   vec = lambda dtype, n=slots: jax.ShapeDtypeStruct((n,), dtype, sharding=row_sh)  # noqa: E731
   sampling = sampler.RowSampling(vec(jnp.float32), vec(jnp.float32), vec(jnp.int32),
                                  vec(jnp.float32), vec(jnp.uint32), vec(jnp.int32))
-  dec = Program.of(sampler.decode.lower(
+  dec = Program.compile(sampler.decode.lower(
       eng_graphdef, eng_state, cache, counts, vec(jnp.int32), vec(jnp.int32), sampling, None,
-      steps=c.engine.decode_chunk, attend_len=cache_len, use_filter=True, n_top=0).compile())
+      steps=c.engine.decode_chunk, attend_len=cache_len, use_filter=True, n_top=0))
   chunk = int(c.engine.get("prefill_chunk", 512))
   two = jax.ShapeDtypeStruct((slots, chunk), jnp.int32, sharding=shd.batch_sharding(
       mesh, 2, batch=slots))
-  pre = Program.of(sampler.prefill.lower(
+  pre = Program.compile(sampler.prefill.lower(
       eng_graphdef, eng_state, cache, counts, two, two, vec(jnp.int32), vec(jnp.int32),
-      sampling, None, attend_len=cache_len, use_filter=True, n_top=0).compile())
+      sampling, None, attend_len=cache_len, use_filter=True, n_top=0))
 
   # what stays resident beside each program (buffers the program's arguments do not hold)
   weights = per_device_bytes(base)
@@ -197,17 +212,17 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
     engine_extra = per_device_bytes(eng_state) if merged else 0
     beside_update = kv_bytes + engine_extra
     beside_engine = opt_bytes + (weights + per_device_bytes(adapters) if merged else 0)
-  during_update = upd.peak + beside_update
-  during_decode = dec.peak + beside_engine
-  during_prefill = pre.peak + beside_engine
+  during_update = 0 if upd.error else upd.peak + beside_update  # 0: did not compile
+  during_decode = 0 if dec.error else dec.peak + beside_engine
+  during_prefill = 0 if pre.error else pre.peak + beside_engine
   device = int(c.hardware.memory_gib * GiB)
   peak = max(during_update, during_decode, during_prefill)
   return {
       "config": CONFIGS.get(c.hardware.key, c.hardware.key), "hardware": c.hardware.name,
       "compiled_on": f"{platform}:{devices[0].device_kind}" + (" (GPU proxy)" if proxy else ""), "mesh": list(c.mesh.shape),
       "mode": f"LoRA r={c.lora.rank}" if use_lora else "full fine-tune",
-      "param_dtype": mcfg.param_dtype, "opt_dtype": str(jax.tree_util.tree_leaves(
-          opt_state)[-1].dtype), "remat": mcfg.remat_policy, "rows_per_update": rows,
+      "param_dtype": mcfg.param_dtype, "opt_dtype": ",".join(sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(
+          opt_state) if jnp.issubdtype(x.dtype, jnp.floating)})), "remat": mcfg.remat_policy, "rows_per_update": rows,
       "micro_batch": t.micro_batch, "seq": seq, "slots": slots, "cache_len": cache_len,
       "sampler_weights": c.lora.sampler_weights if use_lora else "training params",
       "update": dataclasses.asdict(upd), "decode": dataclasses.asdict(dec),
@@ -216,12 +231,15 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
                    "engine_weights": engine_extra, "reference": reference},
       "during_update": during_update, "during_decode": during_decode,
       "during_prefill": during_prefill, "device_bytes": device,
-      "headroom_gib": round((device - peak) / GiB, 2),
+      "headroom_gib": None if (upd.error or dec.error or pre.error) else round(
+          (device - peak) / GiB, 2),
+      "errors": [f"{n}: {p.error}" for n, p in (("update", upd), ("decode", dec), ("prefill", pre))
+                 if p.error],
   }
 
 
 def table(rows: list[dict]) -> str:
-  g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+  g = lambda b: f"{b / GiB:.1f}" if b else "OOM"  # noqa: E731
   lines = ["| config | compiled on | mesh | mode | update peak | + resident | decode | "
            "prefill | worst phase | device | headroom |", "|" + "---|" * 11]
   for r in rows:
@@ -231,7 +249,8 @@ def table(rows: list[dict]) -> str:
         f"| {r['config']} | {r['compiled_on']} | {'x'.join(map(str, r['mesh']))} | {r['mode']} "
         f"| {g(r['update']['peak'])} | {g(resident)} | {g(r['during_decode'])} | "
         f"{g(r['during_prefill'])} | {g(worst)} | {g(r['device_bytes'])} | "
-        f"{r['headroom_gib']:+.1f} |")
+        + (f"{r['headroom_gib']:+.1f} |" if r["headroom_gib"] is not None else
+           "does not compile: " + "; ".join(r["errors"])[:160] + " |"))
   return "\n".join(lines)
 
 

@@ -245,6 +245,7 @@ def summarise(gen_tasks, gen_why, n_asked, gen_ended, episodes) -> dict:
                      v: rate(sum(1 for e in episodes if e["variant"] == v and
                                  e["judge"] != e["oracle"]),
                              sum(1 for e in episodes if e["variant"] == v)) for v in VARIANTS}},
+      "tool_states_store_value": rate(verdicts["consistent"], len(reads)),
       "judge_always_1_would_disagree": rate(sum(e["oracle"] != 1 for e in episodes),
                                             len(episodes)),
       "tool_unclear_or_error": rate(verdicts["unclear"] + verdicts["error"], len(reads)),

@@ -26,7 +26,7 @@ def _paper():
 def get_config():
   c = _paper()  # the reference run's RL and world settings; what follows fits the hardware
   c.hardware = ml_collections.ConfigDict(dict(
-      name="TPU v5p-32 (16 chips)", memory_gib=95.0, tpu_topology="v5p:2x2x4", key="tpu"))
+      name="TPU v5p-32 (16 chips)", memory_gib=95.74, tpu_topology="v5p:2x2x4", key="tpu"))
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 4)))
   c.distributed = ml_collections.ConfigDict(dict(
       mode="auto", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=600))

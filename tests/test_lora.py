@@ -198,3 +198,19 @@ def test_merge_then_export_reloads_in_transformers_with_adapted_logits(adapted, 
   ours = logits(adapted, TOKENS)
   rel = np.abs(ours - theirs).max() / np.abs(ours).max()
   assert rel <= 1e-4, rel
+
+
+def test_adapters_shard_like_their_weights():
+  from jax.sharding import AbstractMesh, PartitionSpec as P
+
+  from trustee_jax import sharding as shd
+  mesh = AbstractMesh((1, 2, 4), shd.MESH_AXES)
+  spec = lambda name, shape: shd.logical_to_spec(  # noqa: E731
+      shd.LOGICAL_RULES, lora.adapter_axes(name), shape, mesh)
+  # A splits its input dims as W does, B its output dims; the rank is never split
+  assert spec("wq_a", (36, 4096, 64)) == P(None, "fsdp", None)
+  assert spec("wq_b", (36, 64, 32, 128)) == P(None, None, "tensor", None)
+  assert spec("wo_a", (36, 32, 128, 64)) == P(None, "tensor", None, None)
+  assert spec("wo_b", (36, 64, 4096)) == P(None, None, "fsdp")
+  assert spec("w_down_a", (36, 12288, 64)) == P(None, "tensor", None)
+  assert spec("w_down_b", (36, 64, 4096)) == P(None, None, "fsdp")
