@@ -15,6 +15,9 @@ def get_config():
   c.world.user.update(max_tokens=160, max_thought_chars=120, max_response_chars=200)
   c.world.tools.update(max_tokens=160, max_result_chars=256, max_notes_chars=120)
   c.world.judge.update(max_tokens=160, max_criteria=2, max_reason_chars=160)
+  # At most 2 tools offered (soft draws included): their schemas keep the prompt near 550 of the
+  # 1024 tokens an episode may use on CPU (10 tools, the curriculum's top, take ~1650).
+  c.curriculum.update(caps={"num_tools": 2})
   c.rollout.update(group_size=4, max_turn_tokens=64, max_episode_tokens=1024)
   c.train.update(steps=3, tasks_per_step=2, updates_per_step=1, micro_batch=4,
                  length_buckets=(256, 512, 1024))

@@ -158,6 +158,16 @@ def test_simulator_outage_drops_episodes_and_groups(chat, tokenizer):
   assert res.dropped_episodes["simulator_timeout"] == 4
 
 
+def test_prompt_longer_than_the_episode_budget_is_dropped_and_counted(chat, tokenizer):
+  tasks = [make_task(seed=s) for s in range(2)]
+  policy = ScriptedPolicy(tokenizer, ["Hello?"] * 8, chat.end_of_turn_id)
+  cfg = rollout.RolloutConfig(group_size=2, max_episode_tokens=64)  # below any task's prompt
+  res = asyncio.run(rollout.run_rollouts(tasks, engine=policy, chat=chat, tokenizer=tokenizer,
+                                         world=world(), cfg=cfg, seed=0, step=1))
+  assert res.episodes == [] and res.dropped_groups == 2
+  assert res.dropped_episodes["prompt_too_long"] == 4
+
+
 def test_engine_rollouts_arrays_match_sampled_ids_and_are_reproducible(chat, tokenizer):
   model = create_model(get_model_config("tiny-llama"), seed=3)
   tasks = [make_task(seed=s) for s in range(2)]

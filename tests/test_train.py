@@ -94,3 +94,17 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   for tag in ("reward/mean", "train/loss", "curriculum/level"):
     assert scalar_steps(killed / "tb", tag) == [1, 2, 3, 4], tag
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_has_budgets_that_fit(name):
+  train.check_budgets(load_config(name))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("engine.cache_len", 1024, "engine.cache_len"),
+    ("train.length_buckets", (512, 1024), "length_buckets"),
+    ("rollout.max_turn_tokens", 1536, "max_turn_tokens")])
+def test_budgets_that_cannot_hold_are_refused_by_name(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.check_budgets(load_config("test", **{key: value}))

@@ -39,6 +39,10 @@ class RolloutConfig:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+class PromptTooLongError(ValueError):
+  """A task whose first prompt (system prompt, tools, first query) leaves no room for a turn."""
+
+
 @dataclasses.dataclass
 class World:
   """The simulated world's roles (LM-backed or the rule-based doubles)."""
@@ -126,6 +130,10 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
                                     {"role": "user", "content": task.first_user_query}]
   seq = _Builder()
   seq.add(chat.prompt_ids(messages, tools=tools, enable_thinking=cfg.enable_thinking))
+  if len(seq.tokens) >= cfg.max_episode_tokens - 1:
+    raise PromptTooLongError(
+        f"task {task_index}: its prompt ({len(seq.tokens)} tokens, {len(tools)} tools) leaves no "
+        f"room for a turn within rollout.max_episode_tokens={cfg.max_episode_tokens}")
   ledger = ToolLedger.for_task(task)
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
   user_turns = assistant_turns = tool_turns = 0
@@ -220,6 +228,8 @@ async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: Rol
       return ("simulator_" + getattr(e, "cause", "error"), str(e))
     except EngineError as e:
       return ("engine", str(e))
+    except PromptTooLongError as e:  # counted (episodes/dropped_prompt_too_long), never trained on
+      return ("prompt_too_long", str(e))
 
   coros = [guarded(t, g) for t in range(len(tasks)) for g in range(cfg.group_size)]
   results = await asyncio.gather(*coros)

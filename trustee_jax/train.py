@@ -51,10 +51,26 @@ def model_meta(model) -> dict[str, Any]:
           if k not in ("dtype", "remat_policy", "name")}
 
 
+def check_budgets(cfg) -> None:
+  """Refuses token budgets that cannot hold together: every episode (at most
+  rollout.max_episode_tokens) must fit the policy engine's cache and the largest length bucket."""
+  longest = cfg.rollout.max_episode_tokens
+  if longest > cfg.engine.cache_len:
+    raise ValueError(f"rollout.max_episode_tokens ({longest}) exceeds engine.cache_len "
+                     f"({cfg.engine.cache_len}): the policy could not sample the episode's end")
+  if longest > max(cfg.train.length_buckets):
+    raise ValueError(f"rollout.max_episode_tokens ({longest}) exceeds the largest of "
+                     f"train.length_buckets {tuple(cfg.train.length_buckets)}")
+  if cfg.rollout.max_turn_tokens >= longest:
+    raise ValueError(f"rollout.max_turn_tokens ({cfg.rollout.max_turn_tokens}) must be below "
+                     f"rollout.max_episode_tokens ({longest})")
+
+
 class Trainer:
   """Owns the policy, its engine, the world, the optimizer and the run's files."""
 
   def __init__(self, cfg, workdir: str | pathlib.Path, world=None):
+    check_budgets(cfg)
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
