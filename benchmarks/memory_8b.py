@@ -188,9 +188,12 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   vec = lambda dtype, n=slots: jax.ShapeDtypeStruct((n,), dtype, sharding=row_sh)  # noqa: E731
   sampling = sampler.RowSampling(vec(jnp.float32), vec(jnp.float32), vec(jnp.int32),
                                  vec(jnp.float32), vec(jnp.uint32), vec(jnp.int32))
+  layers = (jax.eval_shape(sampler.unstack_layers, eng_graphdef, eng_state)
+            if c.engine.get("unstack_layers", True) else None)
   dec = Program.compile(sampler.decode.lower(
-      eng_graphdef, eng_state, cache, counts, vec(jnp.int32), vec(jnp.int32), sampling, None,
-      steps=c.engine.decode_chunk, attend_len=cache_len, use_filter=True, n_top=0))
+      eng_graphdef, eng_state, layers, cache, counts, vec(jnp.int32), vec(jnp.int32),
+      vec(jnp.int32), sampling, None, steps=c.engine.decode_chunk, attend_len=cache_len,
+      use_filter=True, n_top=0))
   chunk = int(c.engine.get("prefill_chunk", 512))
   two = jax.ShapeDtypeStruct((slots, chunk), jnp.int32, sharding=shd.batch_sharding(
       mesh, 2, batch=slots))

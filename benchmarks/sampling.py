@@ -261,13 +261,14 @@ def _precompile(eng: Engine, prompt_len: int, max_len: int) -> None:
         jnp.full((n, width), -1, jnp.int32), jnp.full((n,), -1, jnp.int32),
         jnp.zeros((n,), jnp.int32), rows(n), None, attend_len=attend, use_filter=False,
         n_top=0)
-  s = eng.num_slots
-  for attend in _pow2_upto(128, max_len, eng.cache_len):
-    for steps in _pow2_upto(1, eng.decode_chunk, eng.decode_chunk):
-      cache, counts, out = sampler.decode(
-          eng.graphdef, eng.state, cache, counts, jnp.zeros((s,), jnp.int32),
-          jnp.full((s,), -1, jnp.int32), rows(s), None, steps=steps, attend_len=attend,
-          use_filter=False, n_top=0)
+  for n in _pow2_upto(1, eng.num_slots, eng.num_slots):  # busy rows, bucketed
+    for attend in _pow2_upto(128, max_len, eng.cache_len):
+      for steps in _pow2_upto(1, eng.decode_chunk, eng.decode_chunk):
+        cache, counts, out = sampler.decode(
+            eng.graphdef, eng.state, eng.layers, cache, counts, jnp.zeros((n,), jnp.int32),
+            jnp.zeros((n,), jnp.int32), jnp.full((n,), -1, jnp.int32), rows(n), None,
+            steps=steps, attend_len=attend, use_filter=False, n_top=0, draw=False,
+            use_penalty=False)
   common.block(out)
 
 
@@ -363,6 +364,7 @@ def breakdown_section(model, cache_len):
   from trustee_jax.models.transformer import KVCache  # pylint: disable=import-outside-toplevel
   from trustee_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
+  layers = sampler.unstack_layers(graphdef, state)
   cfg, steps, attend = model.cfg, 8, 128
 
   @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -371,12 +373,12 @@ def breakdown_section(model, cache_len):
 
     def step(carry, _):
       cache, tok, pos = carry
-      logits, cache = net(tok[:, None], pos[:, None], cache, attend_len=attend)
+      logits, cache = net(tok[:, None], pos[:, None], cache, attend_len=attend, layers=layers)
       return (cache, jnp.argmax(logits[:, 0], -1).astype(jnp.int32), pos + 1), None
     (cache, tok, _), _ = jax.lax.scan(step, (cache, tok, pos), None, length=steps)
     return cache, tok
 
-  sample = jax.jit(sampler.sample_rows, static_argnames=("use_filter", "n_top"))
+  sample = jax.jit(sampler.sample_rows, static_argnames=("use_filter", "n_top", "draw"))
   out = {}
   for batch in map(int, _BATCHES.value):
     full = lambda v, dt, b=batch: jnp.full((b,), v, dt)  # noqa: E731
@@ -389,10 +391,11 @@ def breakdown_section(model, cache_len):
     tok, pos = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 40, jnp.int32)
     logits = jax.random.normal(jax.random.key(0), (batch, cfg.vocab_size))
 
-    def engine_step(b=bufs, tok=tok, pos=pos, rows=rows):
+    def engine_step(b=bufs, tok=tok, pos=pos, rows=rows, slots=jnp.arange(batch)):
       b["engine"][0], b["engine"][1], o = sampler.decode(
-          graphdef, state, b["engine"][0], b["engine"][1], tok, pos, rows, None, steps=steps,
-          attend_len=attend, use_filter=False, n_top=0)
+          graphdef, state, layers, b["engine"][0], b["engine"][1], slots, tok, pos, rows, None,
+          steps=steps, attend_len=attend, use_filter=False, n_top=0, draw=False,
+          use_penalty=False)
       return o
 
     def model_step(b=bufs, tok=tok, pos=pos):
@@ -402,7 +405,8 @@ def breakdown_section(model, cache_len):
     res = common.alternate({
         "engine_decode": engine_step, "model_only": model_step,
         "sampling_only": lambda logits=logits, rows=rows, c=bufs["engine"]: [
-            sample(logits, rows, c[1], None, use_filter=False, n_top=0) for _ in range(steps)]},
+            sample(logits, rows, None, None, use_filter=False, n_top=0, draw=False)
+            for _ in range(steps)]},
         rounds=_ROUNDS.value + 2)
     out[f"batch_{batch}"] = {f"{k}_ms_per_step": 1000 * r["min_s"] / steps
                              for k, r in res.items()}

@@ -39,7 +39,9 @@ def get_config():
       param_dtype="float32", sampler_weights="merged"))
   # One GPU cannot hold the paper's 24k-token episodes with this attention (see the plan).
   c.rollout.update(max_turn_tokens=2048, max_episode_tokens=8192)
-  c.engine.update(num_slots=16, cache_len=8192, decode_chunk=8)
+  # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
+  # benchmarks/README.md) would hold another 16 GB of bf16 weights.
+  c.engine.update(num_slots=16, cache_len=8192, decode_chunk=8, unstack_layers=False)
   c.train.update(micro_batch=1, length_buckets=(1024, 2048, 4096, 8192), logprob_chunk=8192)
   # LoRA moves fewer weights: a learning rate about 10x the full fine-tune's.
   c.train.optimizer.update(learning_rate=1e-5, weight_decay=0.0)

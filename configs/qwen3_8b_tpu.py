@@ -35,6 +35,8 @@ def get_config():
   c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),
                                           param_dtype="float32", sampler_weights="merged"))
   c.rollout.update(max_episode_tokens=24576)
-  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8)
+  # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
+  # benchmarks/README.md) would hold another 16 GB of bf16 weights.
+  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
   c.train.update(micro_batch=4, logprob_chunk=8192)
   return c

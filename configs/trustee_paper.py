@@ -8,7 +8,9 @@ def get_config():
   # A local Hugging Face directory of Qwen3-8B (nothing is downloaded at run time).
   c.model.update(name="/models/Qwen3-8B", tokenizer="qwen3", dtype="bfloat16",
                  param_dtype="bfloat16", remat_policy="dots_no_batch")
-  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8)
+  # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
+  # benchmarks/README.md) would hold another 16 GB of bf16 weights.
+  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
                      max_retries=3, max_concurrency=128)
   thinking = {"enable_thinking": True}

@@ -149,7 +149,8 @@ def _reference_greedy(model, prompt, steps):
   return ids[len(prompt):]
 
 
-def test_prefill_into_rows_then_decode_matches_full_forward(tiny):
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_prefill_into_rows_then_decode_matches_full_forward(tiny, unstacked):
   cfg = tiny.cfg
   graphdef, state = nnx.split(tiny)
   slots, cache_len, width, steps = 4, 64, 16, 6
@@ -174,17 +175,17 @@ def test_prefill_into_rows_then_decode_matches_full_forward(tiny):
   assert c[[1, 3], 3].tolist() == [5, 5]  # padded rows reset nothing
   assert c[2].sum() == 1 and c[2, first[0]] == 1  # a prefilled row restarts its counts
 
-  last_tok = np.zeros(slots, np.int32)
-  pos = np.full(slots, -1, np.int32)
-  for r, p, t in zip(rows_idx, prompts, first):
-    last_tok[r], pos[r] = t, len(p)
+  # Decode only the two busy rows (out of slot order) plus one padding row (position -1).
+  layers = sampler.unstack_layers(graphdef, state) if unstacked else None
+  last_tok = jnp.array([int(t) for t in first] + [0], jnp.int32)
+  pos = jnp.array([len(p) for p in prompts] + [-1], jnp.int32)
   cache, counts, outs = sampler.decode(
-      graphdef, state, cache, counts, jnp.asarray(last_tok), jnp.asarray(pos),
-      _rows(slots, temperature=0.0, gen_index=1), None, steps=steps, attend_len=32,
-      use_filter=False, n_top=0)
+      graphdef, state, layers, cache, counts, jnp.array(rows_idx + [0], jnp.int32), last_tok,
+      pos, _rows(3, temperature=0.0, gen_index=1), None, steps=steps, attend_len=32,
+      use_filter=False, n_top=0, draw=False, use_penalty=True)
   toks = np.asarray(outs[0])
-  for r, p, t in zip(rows_idx, prompts, first):
-    assert [int(t)] + toks[r].tolist() == _reference_greedy(tiny, p, steps + 1)
+  for j, (p, t) in enumerate(zip(prompts, first)):
+    assert [int(t)] + toks[j].tolist() == _reference_greedy(tiny, p, steps + 1)
   np.testing.assert_array_equal(np.asarray(cache.k)[:, [1, 3]], 0)
   assert np.asarray(counts)[2].sum() == steps + 1
 

@@ -97,6 +97,7 @@ class Trainer:
     self.engine = Engine(nnx.merge(self.graphdef, self.state["params"]),
                          num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
                          decode_chunk=cfg.engine.decode_chunk,
+                         unstack_layers=cfg.engine.get("unstack_layers", True),
                          decode_fn=self.tokenizer.decode)
     self.world = world
     self.log = RunLogger(self.workdir, purge_step=self.start_step + 1 if self.start_step else None)

@@ -248,6 +248,7 @@ def tunix_whole_runner(tm, prompts: np.ndarray, gen: int):
 def our_decode_runner(ours, prompts: np.ndarray, gen: int) -> Callable[[], float]:
   """sampler.decode alone: `gen` steps in one jitted scan after an untimed prefill."""
   graphdef, state = nnx.split(ours)
+  layers = our_sampler.unstack_layers(graphdef, state)  # as the Engine decodes
   b, p = prompts.shape
   cache_len = p + gen
   rows = our_sampler.RowSampling(
@@ -265,9 +266,10 @@ def our_decode_runner(ours, prompts: np.ndarray, gen: int) -> Callable[[], float
         n_top=0)
     first = jax.block_until_ready(out[0])
     return timed(lambda: our_sampler.decode(
-        graphdef, state, cache, counts, first, jnp.full((b,), p, jnp.int32),
-        rows.replace(gen_index=jnp.ones((b,), jnp.int32)), None, steps=gen,
-        attend_len=cache_len, use_filter=False, n_top=0)[2][0])
+        graphdef, state, layers, cache, counts, jnp.arange(b, dtype=jnp.int32), first,
+        jnp.full((b,), p, jnp.int32), rows.replace(gen_index=jnp.ones((b,), jnp.int32)), None,
+        steps=gen, attend_len=cache_len, use_filter=False, n_top=0, draw=False,
+        use_penalty=False)[2][0])
   return run
 
 

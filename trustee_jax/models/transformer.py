@@ -66,6 +66,9 @@ class ModelConfig:
     return self.num_layers * per_layer + emb + d
 
 
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+
+
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of every layer, [layers, batch, cache_len, kv_heads, head_dim]."""
@@ -73,10 +76,14 @@ class KVCache:
   v: Array
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, mesh=None,
+            rules=shd.LOGICAL_RULES) -> "KVCache":
+    """A zero cache; with a mesh, laid out by CACHE_AXES (slots over data and fsdp)."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or jnp.dtype(cfg.dtype)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    sharding = None if mesh is None else shd.named_sharding(mesh, rules, CACHE_AXES, shape)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return cls(k=make(), v=make())
 
   @property
   def length(self) -> int:
@@ -214,15 +221,23 @@ class Transformer(nnx.Module):
     """Final-normed hidden states [.., hidden] to f32 logits [.., vocab]."""
     return jnp.dot(hidden, self.unembed_matrix(), preferred_element_type=jnp.float32)
 
+  def unstacked_layers(self) -> tuple[dict[str, Array], ...]:
+    """Each layer's parameters as its own arrays (call under jit to get separate buffers)."""
+    stacked = self._layer_params()
+    return tuple({n: w[i] for n, w in stacked.items()} for i in range(self.cfg.num_layers))
+
   def hidden_states(self, tokens: Array, positions: Array, cache: KVCache | None = None, *,
-                    cache_rows: Array | None = None,
-                    attend_len: int | None = None) -> tuple[Array, KVCache | None]:
+                    cache_rows: Array | None = None, attend_len: int | None = None,
+                    layers: tuple[dict[str, Array], ...] | None = None
+                    ) -> tuple[Array, KVCache | None]:
     """Final-normed hidden states [B, T, hidden] (for chunked log-probs) and the cache.
 
     With a cache, row b of the input reads and writes cache row `cache_rows[b]` (default
     b), and attends to the first `attend_len` cache positions (default all): the sampler
     picks a bucket just past the longest live position, so a short request does not pay
-    for a long cache.
+    for a long cache. `layers` (from `unstacked_layers`) runs the layers unrolled over those
+    arrays instead of scanned over the stacked ones: a scan copies each layer's weight slice
+    before its matmuls, which doubles a memory-bound decode step's traffic.
     """
     cfg = self.cfg
     cdt = jnp.dtype(cfg.dtype)
@@ -254,10 +269,10 @@ class Transformer(nnx.Module):
       if ck is not None:
         ck = ck.at[layer, rows[:, None], write_pos].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[layer, rows[:, None], write_pos].set(v.astype(cv.dtype), mode="drop")
-        k, v = ck[layer], cv[layer]
+        k, v = ck[layer, :, :attend_len], cv[layer, :, :attend_len]
         if cache_rows is not None:
           k, v = jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)
-        k, v = k[:, :attend_len].astype(cdt), v[:, :attend_len].astype(cdt)
+        k, v = k.astype(cdt), v.astype(cdt)
       attn = attention(q, k, v, mask)
       x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
@@ -268,12 +283,20 @@ class Transformer(nnx.Module):
       x = self._constrain(x, ("batch", "length", "act_embed"))
       return (x, layer + 1, ck, cv), None
 
-    if cfg.remat_policy != "none":
-      block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat_policy])
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
-    (x, _, ck, cv), _ = jax.lax.scan(block, (x, jnp.int32(0), ck, cv), self._layer_params())
+    if layers is not None:  # unrolled, layer indices static (inference: no remat)
+      carry = (x, 0, ck, cv)
+      for lp in layers:
+        carry, _ = block(carry, lp)
+      x, _, ck, cv = carry
+    else:
+      if cfg.remat_policy != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat_policy])
+      (x, _, ck, cv), _ = jax.lax.scan(block, (x, jnp.int32(0), ck, cv), self._layer_params())
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    return x, (None if cache is None else KVCache(k=ck, v=cv))
+    if cache is None:
+      return x, None
+    return x, KVCache(k=self._constrain(ck, CACHE_AXES), v=self._constrain(cv, CACHE_AXES))
 
   def __call__(self, tokens: Array, positions: Array, cache: KVCache | None = None,
                **kw) -> tuple[Array, KVCache | None]:

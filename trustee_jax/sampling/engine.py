@@ -118,18 +118,22 @@ class Engine:
                decode_chunk: int = 8, prefill_chunk: int = 512, max_queue: int = 4096,
                decode_fn: Callable[[list[int]], str] | None = None,
                grammar_compiler: constrained.GrammarCompiler | None = None,
-               static_batching: bool = False, seed: int = 0):
+               static_batching: bool = False, unstack_layers: bool = True, seed: int = 0):
     cfg = model.cfg
     if cache_len > cfg.max_position_embeddings:
       raise ValueError(f"cache_len {cache_len} > model context {cfg.max_position_embeddings}")
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
+    # Decode reads each layer's weights as its own buffer (one extra copy of the layer
+    # weights): scanning the stacked ones copies every slice per step (benchmarks/README.md).
+    self.unstack_layers = unstack_layers
+    self.layers = sampler.unstack_layers(self.graphdef, self.state) if unstack_layers else None
     self.num_slots, self.cache_len = num_slots, cache_len
     self.decode_chunk, self.max_queue = decode_chunk, max_queue
     self.prefill_chunk = prefill_chunk
     self.decode_fn, self.grammar = decode_fn, grammar_compiler
     self.static_batching = static_batching
-    self.cache = KVCache.zeros(cfg, num_slots, cache_len)
+    self.cache = KVCache.zeros(cfg, num_slots, cache_len, mesh=model.mesh, rules=model.rules)
     self.counts = jnp.zeros((num_slots, cfg.vocab_size), jnp.int32)
     self.slots = [_Slot() for _ in range(num_slots)]
     self.stats = collections.Counter()
@@ -186,8 +190,9 @@ class Engine:
     """Swaps in new weights (same shapes), e.g. the policy after an optimizer step."""
     state = model_or_state if not isinstance(model_or_state, nnx.Module) else nnx.state(
         model_or_state)
+    layers = sampler.unstack_layers(self.graphdef, state) if self.unstack_layers else None
     with self._cv:
-      self.state = state
+      self.state, self.layers = state, layers
       for slot in self.slots:  # caches were computed with the old weights
         slot.cached_ids = []
 
@@ -290,6 +295,11 @@ class Engine:
     n_top = MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in live) else 0
     return use_filter, n_top
 
+  def _decode_flags(self, live: list[_Request]) -> dict[str, bool]:
+    """Static decode options: skip the random draw when all are greedy, counts when no penalty."""
+    return {"draw": any(r.params.temperature > 0 for r in live),
+            "use_penalty": any(r.params.frequency_penalty != 0 for r in live)}
+
   def _bitmask(self, reqs) -> np.ndarray | None:
     if not any(r and r.matcher is not None for r in reqs):
       return None
@@ -367,24 +377,30 @@ class Engine:
       left = min(r.params.max_new_tokens - len(r.tokens) for _, r in live)
       while steps > 1 and steps > left:
         steps //= 2
-    positions = np.array([s.position if s.request else -1 for s in self.slots], np.int32)
-    last_tok = np.array([r.tokens[-1] if r else 0 for r in reqs], np.int32)
+    # Only the busy slots decode, padded to a power of two (padding: position -1, no writes).
+    n = _bucket(len(live), 1, self.num_slots)
+    rows = np.zeros((n,), np.int32)
+    positions = np.full((n,), -1, np.int32)
+    last_tok = np.zeros((n,), np.int32)
+    batch: list[_Request | None] = [None] * n
+    for j, (i, r) in enumerate(live):
+      rows[j], positions[j], last_tok[j], batch[j] = i, self.slots[i].position, r.tokens[-1], r
     attend = _bucket(int(positions.max()) + steps, 128, self.cache_len)
-    use_filter, n_top = self._flags(reqs)
+    use_filter, n_top = self._flags(batch)
     self.cache, self.counts, out = sampler.decode(
-        self.graphdef, self.state, self.cache, self.counts, jnp.asarray(last_tok),
-        jnp.asarray(positions), self._row_sampling(reqs, [len(r.tokens) if r else 0
-                                                          for r in reqs]),
-        self._bitmask(reqs), steps=steps, attend_len=attend, use_filter=use_filter,
-        n_top=n_top)
+        self.graphdef, self.state, self.layers, self.cache, self.counts, jnp.asarray(rows),
+        jnp.asarray(last_tok), jnp.asarray(positions),
+        self._row_sampling(batch, [len(r.tokens) if r else 0 for r in batch]),
+        self._bitmask(batch), steps=steps, attend_len=attend, use_filter=use_filter,
+        n_top=n_top, **self._decode_flags([r for _, r in live]))
     toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
     self.stats["decode_steps"] += steps
-    for i, _ in live:
+    for j, (i, _) in enumerate(live):
       slot = self.slots[i]
-      for j in range(steps):
+      for k in range(steps):
         slot.cached_ids.append(slot.request.tokens[-1])
         slot.position += 1
-        if self._record(slot, int(toks[i, j]), float(lps[i, j]), top_ids[i, j], top_lps[i, j]):
+        if self._record(slot, int(toks[j, k]), float(lps[j, k]), top_ids[j, k], top_lps[j, k]):
           break
 
   def _record(self, slot: _Slot, token: int, logprob: float, top_ids, top_lps) -> bool:

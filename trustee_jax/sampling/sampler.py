@@ -50,11 +50,12 @@ def _filter_top_k_top_p(scaled: Array, top_k: Array, top_p: Array) -> Array:
 
 
 def sample_rows(logits: Array, rows: RowSampling, counts: Array | None, bitmask: Array | None,
-                *, use_filter: bool, n_top: int):
+                *, use_filter: bool, n_top: int, draw: bool = True):
   """Samples one token per row. Returns (tokens, logprobs, top_ids, top_logprobs).
 
   The logprob is that of the distribution sampled from: after frequency penalty, the
   grammar mask and temperature, before top-k/top-p truncation (greedy rows: temperature 1).
+  draw=False (every row greedy) skips the random draw over the vocabulary.
   """
   logits = logits.astype(jnp.float32)
   if counts is not None:
@@ -65,14 +66,16 @@ def sample_rows(logits: Array, rows: RowSampling, counts: Array | None, bitmask:
   temp = jnp.where(greedy, 1.0, rows.temperature)
   scaled = logits / temp[:, None]
   logp_all = jax.nn.log_softmax(scaled, axis=-1)
-  filtered = _filter_top_k_top_p(scaled, rows.top_k, rows.top_p) if use_filter else scaled
+  tokens = jnp.argmax(scaled, axis=-1)
+  if draw:
+    filtered = _filter_top_k_top_p(scaled, rows.top_k, rows.top_p) if use_filter else scaled
 
-  def draw(seed, index, row_logits):
-    key = jax.random.fold_in(jax.random.key(seed), index)
-    return jax.random.categorical(key, row_logits)
+    def draw_row(seed, index, row_logits):
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      return jax.random.categorical(key, row_logits)
 
-  drawn = jax.vmap(draw)(rows.seed, rows.gen_index, filtered)
-  tokens = jnp.where(greedy, jnp.argmax(scaled, axis=-1), drawn).astype(jnp.int32)
+    tokens = jnp.where(greedy, tokens, jax.vmap(draw_row)(rows.seed, rows.gen_index, filtered))
+  tokens = tokens.astype(jnp.int32)
   logprobs = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
   if n_top:
     top_lp, top_ids = jax.lax.top_k(logp_all, n_top)
@@ -125,31 +128,40 @@ def fill_cache(graphdef, state, cache: KVCache, tokens: Array, positions: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "attend_len", "use_filter",
-                                             "n_top"),
+                                             "n_top", "draw", "use_penalty"),
                    donate_argnames=("cache", "counts"))
-def decode(graphdef, state, cache: KVCache, counts: Array, tokens: Array, positions: Array,
-           sampling: RowSampling, bitmask: Array | None, *, steps: int, attend_len: int,
-           use_filter: bool, n_top: int):
-  """Runs `steps` decode steps for every slot; inactive slots have position -1.
+def decode(graphdef, state, layers, cache: KVCache, counts: Array, rows: Array, tokens: Array,
+           positions: Array, sampling: RowSampling, bitmask: Array | None, *, steps: int,
+           attend_len: int, use_filter: bool, n_top: int, draw: bool = True,
+           use_penalty: bool = True):
+  """Runs `steps` decode steps for the cache rows `rows` [n]; position -1 marks padding rows.
 
-  tokens [S] are the last sampled tokens (not yet in the cache), positions [S] theirs.
-  Returns the cache, counts and per-step (tokens, logprobs, top_ids, top_logprobs),
-  each [S, steps, ...].
+  tokens [n] are the last sampled tokens (not yet in the cache), positions [n] theirs.
+  `layers` (the model's `unstacked_layers()`, or None to scan the stacked ones) are the
+  weights the steps read. Counts are read and updated only with use_penalty. Returns the
+  cache, counts and per-step (tokens, logprobs, top_ids, top_logprobs), each [n, steps, ...].
   """
   model = nnx.merge(graphdef, state)
   active = positions >= 0
-  slot_rows = jnp.arange(tokens.shape[0])
 
   def step(carry, _):
     cache, counts, tok, pos, gen_index = carry
     logits, cache = model(tok[:, None], jnp.where(active, pos, -1)[:, None], cache,
-                          attend_len=attend_len)
-    rows = sampling.replace(gen_index=gen_index)
-    out = sample_rows(logits[:, 0], rows, counts, bitmask, use_filter=use_filter, n_top=n_top)
-    counts = _add_counts(counts, slot_rows, out[0], active)
+                          cache_rows=rows, attend_len=attend_len, layers=layers)
+    row_sampling = sampling.replace(gen_index=gen_index)
+    out = sample_rows(logits[:, 0], row_sampling, counts[rows] if use_penalty else None,
+                      bitmask, use_filter=use_filter, n_top=n_top, draw=draw)
+    if use_penalty:
+      counts = _add_counts(counts, rows, out[0], active)
     return (cache, counts, out[0], pos + 1, gen_index + 1), out
 
   init = (cache, counts, tokens, positions, sampling.gen_index)
   (cache, counts, *_), outs = jax.lax.scan(step, init, None, length=steps)
   outs = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), outs)
   return cache, counts, outs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def unstack_layers(graphdef, state):
+  """The model's per-layer weights as separate buffers, for `decode`'s `layers`."""
+  return nnx.merge(graphdef, state).unstacked_layers()
