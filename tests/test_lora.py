@@ -214,3 +214,12 @@ def test_adapters_shard_like_their_weights():
   assert spec("wo_b", (36, 64, 4096)) == P(None, None, "fsdp")
   assert spec("w_down_a", (36, 12288, 64)) == P(None, "tensor", None)
   assert spec("w_down_b", (36, 64, 4096)) == P(None, None, "fsdp")
+
+
+def test_unstacked_layers_of_an_adapted_model_are_its_merged_weights(adapted):
+  tokens, pos = jnp.asarray(batch()["tokens"]), None
+  pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  want = np.asarray(adapted(tokens, pos)[0])
+  layers = jax.jit(lambda m: m.unstacked_layers())(adapted)
+  got = np.asarray(adapted(tokens, pos, KVCache.zeros(CFG, tokens.shape[0], 16), layers=layers)[0])
+  assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5

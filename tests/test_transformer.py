@@ -181,6 +181,21 @@ def test_token_by_token_decode_equals_full_forward(tiny_llama):
   assert rel_diff(np.stack(steps, axis=1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_unstacked_fused_layers_decode_like_the_scanned_stack(name):
+  model = create_model(get_model_config(name, vocab_size=VOCAB, initializer_range=0.2), seed=4)
+  tokens = jnp.asarray(_tokens(2, 12, seed=6))
+  layers = jax.jit(lambda m: m.unstacked_layers())(model)
+  assert "wqkv" in layers[0] and len(layers) == model.cfg.num_layers
+  outs = []
+  for kw in ({}, {"layers": layers}):
+    cache = KVCache.zeros(model.cfg, batch=2, length=16)
+    _, cache = model(tokens[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache, **kw)
+    logits, _ = model(tokens[:, 8:9], jnp.full((2, 1), 8), cache, **kw)
+    outs.append(np.asarray(logits))
+  assert rel_diff(outs[1], outs[0]) <= 1e-5
+
+
 def test_left_padded_prefill_then_decode_equals_full_forward(tiny_llama):
   """Rows of different lengths, left-padded prefill, then per-row decode positions."""
   model = tiny_llama

@@ -222,9 +222,18 @@ class Transformer(nnx.Module):
     return jnp.dot(hidden, self.unembed_matrix(), preferred_element_type=jnp.float32)
 
   def unstacked_layers(self) -> tuple[dict[str, Array], ...]:
-    """Each layer's parameters as its own arrays (call under jit to get separate buffers)."""
+    """Each layer's parameters as its own arrays (call under jit to get separate buffers),
+    with q/k/v and gate/up concatenated: a decode step then runs 4 matmuls a layer, not 7.
+    Weights that are not plain arrays (LoRA's W + A @ B) are merged here, once."""
+    pdt = jnp.dtype(self.cfg.param_dtype)
     stacked = self._layer_params()
-    return tuple({n: w[i] for n, w in stacked.items()} for i in range(self.cfg.num_layers))
+    out = []
+    for i in range(self.cfg.num_layers):
+      p = {n: w if isinstance(w, jax.Array) else w.astype(pdt) for n, w in
+           jax.tree_util.tree_map(lambda a, i=i: a[i], stacked).items()}
+      out.append({"wqkv": jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1),
+                  "w_gate_up": jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1), **p})
+    return tuple(out)
 
   def hidden_states(self, tokens: Array, positions: Array, cache: KVCache | None = None, *,
                     cache_rows: Array | None = None, attend_len: int | None = None,
@@ -258,9 +267,13 @@ class Transformer(nnx.Module):
     def block(carry, lp):
       x, layer, ck, cv = carry
       hn = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-      q = jnp.einsum("btd,dhk->bthk", hn, lp["wq"].astype(cdt))
-      k = jnp.einsum("btd,dhk->bthk", hn, lp["wk"].astype(cdt))
-      v = jnp.einsum("btd,dhk->bthk", hn, lp["wv"].astype(cdt))
+      if "wqkv" in lp:  # unstacked_layers' fused projections
+        qkv = jnp.einsum("btd,dhk->bthk", hn, lp["wqkv"].astype(cdt))
+        q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+      else:
+        q = jnp.einsum("btd,dhk->bthk", hn, lp["wq"].astype(cdt))
+        k = jnp.einsum("btd,dhk->bthk", hn, lp["wk"].astype(cdt))
+        v = jnp.einsum("btd,dhk->bthk", hn, lp["wv"].astype(cdt))
       if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -276,8 +289,12 @@ class Transformer(nnx.Module):
       attn = attention(q, k, v, mask)
       x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-      gate = jnp.einsum("btd,df->btf", hn, lp["w_gate"].astype(cdt))
-      up = jnp.einsum("btd,df->btf", hn, lp["w_up"].astype(cdt))
+      if "w_gate_up" in lp:
+        gate, up = jnp.split(jnp.einsum("btd,df->btf", hn, lp["w_gate_up"].astype(cdt)), 2,
+                             axis=-1)
+      else:
+        gate = jnp.einsum("btd,df->btf", hn, lp["w_gate"].astype(cdt))
+        up = jnp.einsum("btd,df->btf", hn, lp["w_up"].astype(cdt))
       mlp = self._constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
       x = x + jnp.einsum("btf,fd->btd", mlp, lp["w_down"].astype(cdt))
       x = self._constrain(x, ("batch", "length", "act_embed"))
