@@ -108,3 +108,40 @@ def test_every_shipped_config_has_budgets_that_fit(name):
 def test_budgets_that_cannot_hold_are_refused_by_name(key, value, match):
   with pytest.raises(ValueError, match=match):
     train.check_budgets(load_config("test", **{key: value}))
+
+
+@pytest.mark.timeout(900)
+def test_lora_run_saves_adapters_only_resumes_refuses_another_rank_and_exports(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from trustee_jax import export
+  lora_block = {"enabled": True, "rank": 4, "alpha": 8.0, "sampler_weights": "merged",
+                "targets": ("wq", "wv", "w_up")}
+  cfg = load_config("test", **{"train.steps": 2, "grpo.kl_beta": 0.01, "validation.every": 0})
+  cfg.lora = lora_block
+  assert "train/loss" in train.train(cfg, tmp_path)
+  params = restored_state(tmp_path, 2)["params"]
+  assert set(params) == {"lora"}  # the frozen base is not checkpointed
+  assert sorted(params["lora"]) == ["w_up_a", "w_up_b", "wq_a", "wq_b", "wv_a", "wv_b"]
+  cfg.train.steps = 3
+  train.train(cfg, tmp_path)  # resumes from step 2
+  assert (tmp_path / "checkpoints" / "3").is_dir()
+  other = load_config("test", **{"train.steps": 4})
+  other.lora = dict(lora_block, rank=8)
+  with pytest.raises(CheckpointMismatchError, match="lora"):
+    train.train(other, tmp_path)
+  # Export merges the saved adapters into the base the run loaded.
+  out = export.export_hf(tmp_path, tmp_path / "hf")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = np.random.default_rng(0).integers(0, 49152, size=(2, 9))
+  with torch.no_grad():
+    theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+  policy = export.restore_policy(tmp_path)
+  positions = np.broadcast_to(np.arange(9), tokens.shape)
+  ours = np.asarray(policy.model(tokens, positions)[0])
+  np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=2e-4)
+  saved = restored_state(tmp_path, 3)["params"]["lora"]
+  saved_b = np.asarray(jax.tree_util.tree_leaves(saved["wq_b"])[0])
+  base = train.load_policy(cfg)[0]
+  assert (np.abs(saved_b).max() > 0) == (  # the export is the base exactly iff B is still 0
+      np.abs(np.asarray(base(tokens, positions)[0]) - ours).max() > 1e-6)

@@ -39,13 +39,13 @@ class Checkpointer:
               ) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the structure of `abstract_state`; checks the model config first."""
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    for key in ("model_config",):
+    for key in ("model_config", "lora"):
       saved, want = meta.get(key), expected_meta.get(key)
       if saved != want:
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved or {}) | set(want or {})
                 if (saved or {}).get(k) != (want or {}).get(k)} if isinstance(saved, dict) else {}
         raise CheckpointMismatchError(
-            f"checkpoint {self.directory}/{step} was written for another model: "
+            f"checkpoint {self.directory}/{step} was written for another model ({key}): "
             f"{json.dumps(diff, default=str) if diff else (saved, want)} (saved, running). "
             "Use a new --workdir or the matching config.")
     try:

@@ -147,6 +147,31 @@ def restore_params(manager: ocp.CheckpointManager, step: int, mcfg: ModelConfig
   return nnx.merge(graphdef, restored["state"]["params"])
 
 
+def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any],
+                        cfg: ml_collections.ConfigDict) -> Transformer:
+  """A LoRA run's policy: its base loaded as the run loaded it (`cfg.model.name`; the
+  checkpoint holds only the adapters), the saved adapters restored and merged into it."""
+  from trustee_jax import lora
+  from trustee_jax.train import load_policy, model_meta
+  base_model, _ = load_policy(cfg)
+  if model_meta(base_model) != meta["model_config"]:
+    raise ExportError(f"the base model {cfg.model.name!r} is not the one the adapters of "
+                      f"{manager.directory}/{step} were trained on")
+  adapted = lora.add_lora(base_model, lora.LoraConfig.from_dict(meta["lora"]))
+  graphdef, adapters, base = lora.split(adapted)
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  target = {"params": jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), adapters)}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ExportError(f"{manager.directory}/{step}: the saved adapters do not fit "
+                      f"{meta['lora']}: {e}") from e
+  return lora.merge(nnx.merge(graphdef, restored["state"]["params"], base))
+
+
 def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
   """The tokenizer the run used, chosen as train.load_policy chooses it."""
   name = str(cfg.model.name)
@@ -166,7 +191,8 @@ def restore_policy(workdir: str | pathlib.Path, step: int | None = None) -> Rest
     cfg = run_config(meta)
     mcfg = model_config_from_meta(meta["model_config"], cfg)
     check_model_config(mcfg, meta["model_config"])
-    model = restore_params(manager, step, mcfg)
+    model = (restore_lora_policy(manager, step, meta, cfg) if "lora" in meta
+             else restore_params(manager, step, mcfg))
   finally:
     manager.close()
   return RestoredPolicy(model, tok_lib.load_tokenizer(tokenizer_source(cfg)), cfg, step)

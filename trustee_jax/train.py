@@ -17,7 +17,7 @@ import tqdm
 from flax import nnx
 
 from trustee_jax import curriculum as cur
-from trustee_jax import grpo, rollout, update
+from trustee_jax import grpo, lora, rollout, update
 from trustee_jax.checkpoint import Checkpointer, abstract_like
 from trustee_jax.chat import ChatFormat
 from trustee_jax.models import model_configs, tokenizer as tok_lib, weights
@@ -51,6 +51,17 @@ def model_meta(model) -> dict[str, Any]:
           if k not in ("dtype", "remat_policy", "name")}
 
 
+def lora_config(cfg) -> lora.LoraConfig | None:
+  """The run's LoRA settings, or None for a full fine-tune (no `lora` block or not enabled)."""
+  block = cfg.get("lora")
+  if block is None or not block.get("enabled", False):
+    return None
+  if block.get("sampler_weights", "merged") not in ("merged", "adapters"):
+    raise ValueError(f"lora.sampler_weights must be 'merged' or 'adapters', got "
+                     f"{block.sampler_weights!r}")
+  return lora.LoraConfig.from_dict(block)
+
+
 def check_budgets(cfg) -> None:
   """Refuses token budgets that cannot hold together: every episode (at most
   rollout.max_episode_tokens) must fit the policy engine's cache and the largest length bucket."""
@@ -76,31 +87,52 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.model, self.tokenizer = load_policy(cfg)
     self.chat = ChatFormat(self.tokenizer)
-    self.graphdef, params = nnx.split(self.model)
     t = cfg.train
     self.grpo_cfg = grpo.GRPOConfig.from_dict(cfg.grpo)
     self.cur_cfg = cur.CurriculumConfig.from_dict(cfg.curriculum)
     self.rollout_cfg = rollout.RolloutConfig.from_dict(cfg.rollout)
     self.optimizer = update.build_optimizer(t.optimizer)
-    self.update_fn = update.make_update_fn(
-        self.graphdef, self.optimizer, self.grpo_cfg, micro_batch=t.micro_batch,
-        temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
-    self.logprob_fn = update.make_logprob_fn(
-        self.graphdef, temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
-    self.ref_params = params if self.grpo_cfg.kl_beta > 0 else None
+    kw = dict(temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
+    self.lora_cfg = lora_config(cfg)
+    if self.lora_cfg is None:  # full fine-tune: the params are the whole model
+      self.graphdef, params = nnx.split(self.model)
+      self.base = None
+      self.update_fn = update.make_update_fn(self.graphdef, self.optimizer, self.grpo_cfg,
+                                             micro_batch=t.micro_batch, **kw)
+      self.logprob_fn = update.make_logprob_fn(self.graphdef, **kw)
+      self.ref_logprob_fn, ref = self.logprob_fn, params
+    else:  # LoRA: the params are the adapters; the frozen base is the KL reference
+      self.model = lora.add_lora(self.model, self.lora_cfg, seed=cfg.seed)
+      self.graphdef, params, self.base = lora.split(self.model)
+      self.update_fn = lora.make_lora_update_fn(self.graphdef, self.base, self.optimizer,
+                                                self.grpo_cfg, micro_batch=t.micro_batch, **kw)
+      self.logprob_fn = lora.make_lora_logprob_fn(self.graphdef, self.base, **kw)
+      self.ref_logprob_fn, ref = lora.make_reference_logprob_fn(self.model, **kw), self.base
+    self.ref_params = ref if self.grpo_cfg.kl_beta > 0 else None
     self.state = {"params": params, "opt_state": self.optimizer.init(params),
                   "curriculum": cur.init_state(self.cur_cfg),
                   "step": jnp.zeros((), jnp.int32)}
     self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
     self.meta = {"model_config": model_meta(self.model), "config": cfg.to_json_best_effort()}
+    if self.lora_cfg is not None:  # adapters of another rank or targets are refused on restore
+      self.meta["lora"] = json.loads(json.dumps(dataclasses.asdict(self.lora_cfg)))
     self.start_step = self._maybe_restore()
-    self.engine = Engine(nnx.merge(self.graphdef, self.state["params"]),
+    self.engine = Engine(self.sampler_model(),
                          num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
                          decode_chunk=cfg.engine.decode_chunk,
                          unstack_layers=cfg.engine.get("unstack_layers", True),
                          decode_fn=self.tokenizer.decode)
     self.world = world
     self.log = RunLogger(self.workdir, purge_step=self.start_step + 1 if self.start_step else None)
+
+  def sampler_model(self):
+    """The policy as the engine samples it: the params, or base + adapters (merged once per
+    update with lora.sampler_weights="merged", else merged a layer at a time as it runs)."""
+    if self.lora_cfg is None:
+      return nnx.merge(self.graphdef, self.state["params"])
+    adapted = nnx.merge(self.graphdef, self.state["params"], self.base)
+    merged = self.cfg.lora.get("sampler_weights", "merged") == "merged"
+    return lora.merge(adapted) if merged else adapted
 
   def _maybe_restore(self) -> int:
     step = self.ckpt.latest_step()
@@ -157,7 +189,7 @@ class Trainer:
       else:
         gap = None
       if self.ref_params is not None:
-        ref = self.logprob_fn(self.ref_params, batch["tokens"], batch["positions"])
+        ref = self.ref_logprob_fn(self.ref_params, batch["tokens"], batch["positions"])
         batch["ref_logprobs"] = jnp.pad(ref, ((0, 0), (1, 0)))
       params, opt_state, m = self.update_fn(self.state["params"], self.state["opt_state"], batch)
       self.state["params"], self.state["opt_state"] = params, opt_state
@@ -165,7 +197,7 @@ class Trainer:
       if gap is not None:
         m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
       metrics.append(m)
-    self.engine.update_params(self.state["params"])
+    self.engine.update_params(self.sampler_model())
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
   async def train_step(self, step: int) -> dict[str, Any]:
