@@ -22,13 +22,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard 
 def main(argv):
   del argv
   logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per simulator call otherwise
-  from trustee_jax import train  # after flags: keeps --help fast
+  from trustee_jax import distributed, train  # after flags: keeps --help fast
   cfg = _CONFIG.value
+  distributed.initialize_from_config(cfg.get("distributed"))  # before any device is touched
   workdir = pathlib.Path(_WORKDIR.value).absolute()
   if cfg.simulator.mode == "embedded":
     with cfg.unlocked():
       cfg.simulator.log_dir = str(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  shape = tuple(cfg.get("mesh", {}).get("shape", ()) or ())
+  print(f"policy mesh (data, fsdp, tensor): {shape or 'none (one device)'}", flush=True)
   last = train.train(cfg, workdir)
   print("\n== trustee-jax run finished ==")
   for key in ("reward/mean", "reward/success_rate", "curriculum/level", "train/loss",

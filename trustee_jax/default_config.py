@@ -8,6 +8,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.rollout_concurrency = 0  # episodes in flight (0: all)
 
+  # (data, fsdp, tensor) sizes over all processes' devices, -1 for "the rest"; () = one device.
+  c.mesh = ml_collections.ConfigDict(dict(shape=()))
+  # Several processes (distributed.py): mode env ($JAX_COORDINATOR_ADDRESS, ... or the fields
+  # below; none set = one process) or auto (Cloud TPU, SLURM, ...). -1 / "": unset.
+  c.distributed = ml_collections.ConfigDict(dict(
+      mode="env", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300))
   c.model = ml_collections.ConfigDict(dict(
       name="smollm2", tokenizer="smollm2", dtype="float32", param_dtype="float32",
       remat_policy="full"))  # recompute each layer in the backward: activations of one layer

@@ -185,6 +185,30 @@ def allgather(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
 
 
+def agree_max(x: int) -> int:
+  """The largest of every process's `x` (shapes and loop counts all processes must share)."""
+  return int(np.max(allgather(np.int64(x))))
+
+
+def gather_values(values: Sequence[float], capacity: int) -> np.ndarray:
+  """Every process's values (at most `capacity` each), concatenated in process order."""
+  values = np.asarray(values, np.float64)
+  if values.size > capacity:
+    raise DistributedError(f"{values.size} values exceed the agreed capacity {capacity}")
+  padded = np.full(capacity, np.nan)
+  padded[:values.size] = values
+  flat = allgather(padded).reshape(-1)
+  return flat[~np.isnan(flat)]
+
+
+def replicate_host_values(tree: Any, mesh: Mesh) -> Any:
+  """Host-local leaves (the same value on every process, e.g. the curriculum state) as fully
+  replicated global arrays over `mesh`: the only kind Orbax saves from several processes."""
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), tree)
+
+
 def broadcast_json(obj: Any) -> Any:
   """The primary process's JSON-able value, on every process (tasks drawn once, say)."""
   if jax.process_count() == 1:

@@ -17,7 +17,7 @@ import tqdm
 from flax import nnx
 
 from trustee_jax import curriculum as cur
-from trustee_jax import grpo, lora, rollout, update
+from trustee_jax import distributed, grpo, lora, rollout, update
 from trustee_jax.checkpoint import Checkpointer, abstract_like
 from trustee_jax.chat import ChatFormat
 from trustee_jax.models import model_configs, tokenizer as tok_lib, weights
@@ -28,19 +28,21 @@ from trustee_jax.train_logging import RunLogger
 from trustee_jax.world import build_world
 
 
-def load_policy(cfg) -> tuple[Any, Any]:
+def load_policy(cfg, mesh=None) -> tuple[Any, Any]:
   """(model, tokenizer) from `cfg.model.name`: "smollm2" (the packaged GGUF), a Hugging Face
-  directory, or a named random config (then `cfg.model.tokenizer` names the tokenizer)."""
+  directory, or a named random config (then `cfg.model.tokenizer` names the tokenizer).
+  With a mesh the weights are loaded straight into their shardings."""
   name = cfg.model.name
   overrides = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy")
                if k in cfg.model}
   if name == "smollm2":
-    model, tokenizer = weights.load_gguf(), tok_lib.load_tokenizer("smollm2")
+    model, tokenizer = weights.load_gguf(mesh=mesh), tok_lib.load_tokenizer("smollm2")
   elif pathlib.Path(name).is_dir():
-    model, tokenizer = weights.load_hf(name), tok_lib.load_tokenizer(name)
+    model, tokenizer = weights.load_hf(name, mesh=mesh), tok_lib.load_tokenizer(name)
   else:
     mcfg = model_configs.get_model_config(name, **overrides)
-    return create_model(mcfg, seed=cfg.seed), tok_lib.load_tokenizer(cfg.model.tokenizer)
+    return (create_model(mcfg, seed=cfg.seed, mesh=mesh),
+            tok_lib.load_tokenizer(cfg.model.tokenizer))
   model.cfg = model.cfg.replace(**overrides)
   return model, tokenizer
 
@@ -49,6 +51,16 @@ def model_meta(model) -> dict[str, Any]:
   return {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
           for k, v in dataclasses.asdict(model.cfg).items()
           if k not in ("dtype", "remat_policy", "name")}
+
+
+def training_mesh(cfg):
+  """The (data, fsdp, tensor) mesh of `cfg.mesh.shape` over every process's devices, or None
+  (shape (): one device, no sharding; only with one process)."""
+  shape = tuple(cfg.get("mesh", {}).get("shape", ()) or ())
+  if not shape and jax.process_count() > 1:
+    raise distributed.DistributedError(
+        f"{jax.process_count()} processes need a mesh: set --config.mesh.shape")
+  return distributed.global_mesh(shape) if shape else None
 
 
 def lora_config(cfg) -> lora.LoraConfig | None:
@@ -77,6 +89,9 @@ def check_budgets(cfg) -> None:
                      f"rollout.max_episode_tokens ({longest})")
 
 
+HOST_STATE = ("curriculum", "step")  # state every process holds whole, on the host side
+
+
 class Trainer:
   """Owns the policy, its engine, the world, the optimizer and the run's files."""
 
@@ -85,7 +100,14 @@ class Trainer:
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.model, self.tokenizer = load_policy(cfg)
+    self.info = distributed.process_info()
+    if self.info.count > 1:  # each process writes its shards of one shared directory
+      distributed.assert_shared_directory(self.workdir)
+    # Host randomness (tasks, sampling) differs per process: each plays its own share of tasks.
+    self.host_seed = cfg.seed if self.info.count == 1 else rollout.derive_seed(
+        cfg.seed, 0x5EED, self.info.index)
+    self.mesh = training_mesh(cfg)
+    self.model, self.tokenizer = load_policy(cfg, self.mesh)
     self.chat = ChatFormat(self.tokenizer)
     t = cfg.train
     self.grpo_cfg = grpo.GRPOConfig.from_dict(cfg.grpo)
@@ -117,13 +139,14 @@ class Trainer:
     if self.lora_cfg is not None:  # adapters of another rank or targets are refused on restore
       self.meta["lora"] = json.loads(json.dumps(dataclasses.asdict(self.lora_cfg)))
     self.start_step = self._maybe_restore()
-    self.engine = Engine(self.sampler_model(),
+    self.engine = Engine(self.engine_model(),
                          num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
                          decode_chunk=cfg.engine.decode_chunk,
                          unstack_layers=cfg.engine.get("unstack_layers", True),
                          decode_fn=self.tokenizer.decode)
     self.world = world
-    self.log = RunLogger(self.workdir, purge_step=self.start_step + 1 if self.start_step else None)
+    logdir = self.workdir if self.info.is_primary else self.workdir / f"process_{self.info.index}"
+    self.log = RunLogger(logdir, purge_step=self.start_step + 1 if self.start_step else None)
 
   def sampler_model(self):
     """The policy as the engine samples it: the params, or base + adapters (merged once per
@@ -134,20 +157,44 @@ class Trainer:
     merged = self.cfg.lora.get("sampler_weights", "merged") == "merged"
     return lora.merge(adapted) if merged else adapted
 
+  def engine_model(self):
+    """The sampler's model: with several processes, a copy of the (merged) policy on this
+    process's devices, so that each process's engine runs its own requests unsynchronised."""
+    model = self.sampler_model()
+    if self.info.count == 1:
+      return model
+    if isinstance(model, lora.LoraTransformer):
+      model = lora.merge(model)
+    return distributed.per_process_model(model, distributed.process_local_mesh())
+
+  def checkpoint_view(self) -> dict[str, Any]:
+    """The state as saved: with several processes the host-held parts (curriculum, step) as
+    replicated global arrays, which Orbax writes once."""
+    if self.info.count == 1:
+      return self.state
+    return {k: distributed.replicate_host_values(v, self.mesh) if k in HOST_STATE else v
+            for k, v in self.state.items()}
+
   def _maybe_restore(self) -> int:
     step = self.ckpt.latest_step()
     if step is None:
       return 0
-    restored, _ = self.ckpt.restore(step, abstract_like(self.state), self.meta)
+    restored, _ = self.ckpt.restore(step, abstract_like(self.checkpoint_view()), self.meta)
+    for key in HOST_STATE:  # back to this process's own copies
+      restored[key] = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), restored[key])
     self.state = restored
     return int(step)
 
   # ---- one step ------------------------------------------------------------------------
 
-  async def _tasks(self, step: int):
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, self.cfg.train.tasks_per_step)
-    return await self.world.make_tasks(knobs.unbatch(), rollout.derive_seed(self.cfg.seed, step))
+  async def _tasks(self, step: int, key=None, n: int | None = None, seed_step: int | None = None):
+    """This process's share of the step's tasks (knobs drawn alike on every process)."""
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if key is None else key
+    n = self.cfg.train.tasks_per_step if n is None else n
+    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, n).unbatch()
+    mine = knobs[distributed.process_slice(len(knobs), self.info)]
+    return await self.world.make_tasks(
+        mine, rollout.derive_seed(self.host_seed, step if seed_step is None else seed_step))
 
   def _advantages(self, arrays) -> np.ndarray:
     n = len(arrays["rewards"])
@@ -163,24 +210,42 @@ class Trainer:
             for p in parts]
 
   def _pad_rows(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pads the episode count to a multiple of micro_batch with all-masked rows."""
-    mb = self.cfg.train.micro_batch
+    """Pads this process's rows with all-masked ones: every process to the same count, the
+    global count a multiple of micro_batch and of the mesh's batch shards."""
+    m = self.cfg.train.micro_batch
+    if self.mesh is not None:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      m = m * shards // np.gcd(m, shards)
+    per_process = m // np.gcd(m, self.info.count)
     n = len(arrays["tokens"])
-    extra = (-n) % mb
+    target = -(-distributed.agree_max(n) // per_process) * per_process
+    extra = target - n
     if not extra:
       return arrays
     return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype) if k != "positions"
                                else np.full((extra,) + v.shape[1:], -1, v.dtype)])
             for k, v in arrays.items()}
 
+  def _part_arrays(self, part: list[rollout.Episode]) -> dict[str, np.ndarray]:
+    """One mini-batch's arrays; every process pads to the same length bucket and row count."""
+    buckets = tuple(self.cfg.train.length_buckets)
+    longest = distributed.agree_max(max((len(e.tokens) for e in part), default=1))
+    width = rollout.pad_to_bucket(longest, buckets)
+    if part:
+      arrays = rollout.to_arrays(part, (width,))
+      arrays["advantages"] = self._advantages(arrays)
+    else:  # this process has no episodes in this mini-batch; others do
+      arrays = rollout.to_arrays([rollout.Episode(0, 0, *(np.zeros(1),) * 4)], (width,))
+      arrays = {k: v[:0] for k, v in arrays.items()}
+      arrays["advantages"] = np.zeros((0,), np.float32)
+    return self._pad_rows({k: v for k, v in arrays.items() if k not in ("rewards", "group_ids")})
+
   def _update(self, episodes: list[rollout.Episode]) -> dict[str, float]:
     metrics: list[dict[str, float]] = []
-    for idx in self._minibatches(episodes):
-      arrays = rollout.to_arrays([episodes[i] for i in idx], tuple(self.cfg.train.length_buckets))
-      arrays["advantages"] = self._advantages(arrays)
-      arrays = self._pad_rows({k: v for k, v in arrays.items()
-                               if k not in ("rewards", "group_ids")})
-      batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    parts = self._minibatches(episodes)
+    for i in range(distributed.agree_max(len(parts))):  # the same update calls on every process
+      batch = self._device_batch(self._part_arrays(
+          [episodes[j] for j in parts[i]] if i < len(parts) else []))
       if self.cfg.train.recompute_old_logprobs:
         sampled = batch["old_logprobs"][:, 1:]
         recomputed = self.logprob_fn(self.state["params"], batch["tokens"], batch["positions"])
@@ -197,8 +262,15 @@ class Trainer:
       if gap is not None:
         m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
       metrics.append(m)
-    self.engine.update_params(self.sampler_model())
+    self.engine.update_params(self.engine_model())
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+  def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The update's arrays, rows sharded over the mesh's (data, fsdp) axes when there is one
+    (each process supplies its own rows)."""
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return distributed.global_batch(arrays, self.mesh)
 
   async def train_step(self, step: int) -> dict[str, Any]:
     times = {}
@@ -208,21 +280,27 @@ class Trainer:
     t0 = time.perf_counter()
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
-        cfg=self.rollout_cfg, seed=self.cfg.seed, step=step,
+        cfg=self.rollout_cfg, seed=self.host_seed, step=step,
         max_concurrent=self.cfg.rollout_concurrency)
     times["time/rollout"] = time.perf_counter() - t0
     scalars: dict[str, float] = dict(times)
     rewards = np.asarray([e.reward for e in result.episodes], np.float32)
-    if result.episodes:
+    # The curriculum moves on every process's rewards (the same update everywhere).
+    all_rewards = rewards if self.info.count == 1 else distributed.gather_values(
+        rewards, len(tasks) * self.rollout_cfg.group_size).astype(np.float32)
+    if all_rewards.size:
       t0 = time.perf_counter()
       scalars.update({f"train/{k}": v for k, v in self._update(result.episodes).items()})
       times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
       self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
-                                            jnp.asarray(rewards))
+                                            jnp.asarray(all_rewards))
     else:
       scalars["train/skipped_no_episodes"] = 1.0
     self.state["step"] = jnp.asarray(step, jnp.int32)
     scalars.update(self.log.episode_scalars(result, rewards, tasks))
+    if self.info.count > 1:  # this process's figures above; the batch's reward here
+      scalars["reward/mean_all_processes"] = float(np.mean(all_rewards)) if all_rewards.size \
+          else float("nan")
     scalars["curriculum/level"] = float(np.mean(np.asarray(self.state["curriculum"].level)))
     scalars.update(self.world.stats())
     return {"scalars": scalars, "result": result, "tasks": tasks}
@@ -230,14 +308,13 @@ class Trainer:
   # ---- validation ----------------------------------------------------------------------
 
   async def _validation_tasks(self) -> list:
-    """A fixed set, generated once at the start and saved in the workdir (reloaded on resume)."""
-    path = self.workdir / "validation_tasks.json"
+    """A fixed set, generated once at the start and saved in the workdir (reloaded on resume);
+    with several processes each has its share, in its own log directory."""
+    path = self.log.workdir / "validation_tasks.json"
     if path.exists():
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
-    v = self.cfg.validation
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x7FFFFFFF)  # not a train step
-    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, v.num_tasks)
-    tasks = await self.world.make_tasks(knobs.unbatch(), rollout.derive_seed(self.cfg.seed, -1))
+    tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1)
     path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
     return tasks
 
@@ -248,7 +325,7 @@ class Trainer:
                               top_p=v.top_p, top_k=v.top_k)
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
-        cfg=cfg, seed=rollout.derive_seed(self.cfg.seed, -1), step=step,
+        cfg=cfg, seed=rollout.derive_seed(self.host_seed, -1), step=step,
         max_concurrent=self.cfg.rollout_concurrency)
     eps = result.episodes
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
@@ -273,7 +350,7 @@ class Trainer:
       self._log_step(step, scalars, out)
       if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
         t0 = time.perf_counter()
-        self.ckpt.save(step, self.state, self.meta)
+        self.ckpt.save(step, self.checkpoint_view(), self.meta)
         self.log.scalars(step, {"time/checkpoint": time.perf_counter() - t0})
       bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.2f}",
                       level=f"{scalars['curriculum/level']:.0f}")
