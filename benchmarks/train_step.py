@@ -203,7 +203,9 @@ def run_worker(args) -> dict:
   """One contender in this process: warm-up update, then `args.runs` timed ones."""
   data = dict(np.load(args.batch))
   if args.worker == "jax":
-    step = jax_runner(weights.load_gguf(), data, args.micro_batch)
+    model = weights.load_gguf()
+    model.cfg = model.cfg.replace(remat_policy=args.remat)
+    step = jax_runner(model, data, args.micro_batch)
   else:
     torch = common.pin_torch_threads(args.torch_threads)
     step = torch_runner(torch, data, args.micro_batch)
@@ -222,7 +224,7 @@ def spawn(args, *extra: str) -> dict:
   cmd = [sys.executable, __file__, "--seqs", str(args.seqs), "--length", str(args.length),
          "--prompt", str(args.prompt), "--micro_batch", str(args.micro_batch), "--runs",
          str(args.runs), "--torch_threads", str(args.torch_threads), "--seed", str(args.seed),
-         *extra]
+         "--remat", args.remat, *extra]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f"worker {extra} exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -240,6 +242,8 @@ def main() -> None:
   ap.add_argument("--torch_threads", type=int, default=2)
   ap.add_argument("--profile_dir", default="", help="jax.profiler trace of one JAX update")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
+                  help="JAX remat policy (PyTorch keeps every activation, as 'none')")
   ap.add_argument("--breakdown", action="store_true", help="also time the JAX update's parts")
   ap.add_argument("--worker", choices=["batch", "jax", "torch", "breakdown"], default=None)
   ap.add_argument("--batch", default="", help="(worker) the batch .npz")
@@ -278,7 +282,7 @@ def main() -> None:
   flops = update_flops(cfg, args.seqs, args.length)
   best_matmul = max(probe["best_flops"], probe_after["best_flops"])
   first_loss = {n: w[0]["first_loss"] for n, w in workers.items()}
-  out = {"benchmark": "train_step", "model": "smollm2-135m (GGUF, f32)",
+  out = {"benchmark": "train_step", "remat": args.remat, "model": "smollm2-135m (GGUF, f32)",
          "sequences": args.seqs, "length": args.length, "loss_tokens_per_seq":
          args.length - args.prompt, "micro_batch": args.micro_batch,
          "machine": {**common.machine(), "loadavg_before": load_before,
