@@ -129,22 +129,28 @@ def check_model_config(mcfg: ModelConfig, meta_model: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- restore
 
 
-def restore_params(manager: ocp.CheckpointManager, step: int, mcfg: ModelConfig
-                   ) -> Transformer:
-  """Only `state.params` of the checkpoint, onto the CPU, merged into a Transformer."""
-  abstract = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
-  graphdef, abs_state = nnx.split(abstract)
+def restore_saved_params(manager: ocp.CheckpointManager, step: int, like: Any, what: str):
+  """Only `state.params` of the checkpoint, shaped as `like`, onto the CPU (a partial restore);
+  `what` names the expected params in the error."""
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   target = {"params": jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abs_state)}
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), like)}
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
   except (ValueError, KeyError, TypeError) as e:
-    raise ExportError(f"{manager.directory}/{step}: the saved params do not fit a "
-                      f"{mcfg.architecture} model of this shape: {e}") from e
-  return nnx.merge(graphdef, restored["state"]["params"])
+    raise ExportError(f"{manager.directory}/{step}: the saved params do not fit {what}: "
+                      f"{e}") from e
+  return restored["state"]["params"]
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, mcfg: ModelConfig
+                   ) -> Transformer:
+  """A full fine-tune's policy: `state.params` merged into a Transformer of the saved shape."""
+  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0))))
+  return nnx.merge(graphdef, restore_saved_params(
+      manager, step, abs_state, f"a {mcfg.architecture} model of this shape"))
 
 
 def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any],
@@ -159,17 +165,8 @@ def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[st
                       f"{manager.directory}/{step} were trained on")
   adapted = lora.add_lora(base_model, lora.LoraConfig.from_dict(meta["lora"]))
   graphdef, adapters, base = lora.split(adapted)
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  target = {"params": jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), adapters)}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ExportError(f"{manager.directory}/{step}: the saved adapters do not fit "
-                      f"{meta['lora']}: {e}") from e
-  return lora.merge(nnx.merge(graphdef, restored["state"]["params"], base))
+  saved = restore_saved_params(manager, step, adapters, f"adapters {meta['lora']}")
+  return lora.merge(nnx.merge(graphdef, saved, base))
 
 
 def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
