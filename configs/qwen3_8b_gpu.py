@@ -3,8 +3,10 @@
 bf16 weights alone are 16.4 GB and Adam's f32 moments another 65.5 GB, so the policy trains
 rank-64 adapters on every attention and MLP projection (175M parameters, f32, with their
 Adam state: 2.1 GB) over a frozen bf16 base that is also the KL reference. The sampling
-engine gets its own merged bf16 copy (no per-step merge while decoding). Slots, context and
-micro-batch come from the compiled memory plan (benchmarks/memory_8b.py, benchmarks/README.md).
+engine decodes base + adapters, merging a layer at a time (a merged copy would cost 16 GB).
+Slots, context and micro-batch come from the compiled memory plan (benchmarks/memory_8b.py,
+benchmarks/README.md): with 8192-token episodes and a merged engine copy the plan needed
+125 GiB; with 4096-token episodes and no copy it needs 73.1 GiB of the 78.
 The simulator is SGLang on a second GPU (launch/serve_sglang.sh), or at a URL.
 
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python launch/train.py \
@@ -36,13 +38,14 @@ def get_config():
   c.lora = ml_collections.ConfigDict(dict(
       enabled=True, rank=64, alpha=128.0,
       targets=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"),
-      param_dtype="float32", sampler_weights="merged"))
+      param_dtype="float32", sampler_weights="adapters"))
   # One GPU cannot hold the paper's 24k-token episodes with this attention (see the plan).
-  c.rollout.update(max_turn_tokens=2048, max_episode_tokens=8192)
+  # 4096 tokens fit; 8192 did not (update 91.7, decode 115 GiB in the plan).
+  c.rollout.update(max_turn_tokens=1024, max_episode_tokens=4096)
   # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
   # benchmarks/README.md) would hold another 16 GB of bf16 weights.
-  c.engine.update(num_slots=16, cache_len=8192, decode_chunk=8, unstack_layers=False)
-  c.train.update(micro_batch=1, length_buckets=(1024, 2048, 4096, 8192), logprob_chunk=8192)
+  c.engine.update(num_slots=16, cache_len=4096, decode_chunk=8, unstack_layers=False)
+  c.train.update(micro_batch=1, length_buckets=(1024, 2048, 4096), logprob_chunk=8192)
   # LoRA moves fewer weights: a learning rate about 10x the full fine-tune's.
   c.train.optimizer.update(learning_rate=1e-5, weight_decay=0.0)
   return c
