@@ -12,31 +12,20 @@ The simulator is SGLang elsewhere (other GPUs or hosts; several URLs or its rout
 import importlib.util
 import pathlib
 
-import ml_collections
-
 
 def _paper():
+  """configs/trustee_paper.py (configs are files, not a package)."""
   path = pathlib.Path(__file__).with_name("trustee_paper.py")
   spec = importlib.util.spec_from_file_location("trustee_paper", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
 
 
 def get_config():
-  c = _paper()  # the reference run's RL and world settings; what follows fits the hardware
-  c.hardware = ml_collections.ConfigDict(dict(
-      name="8x NVIDIA H100 80GB", memory_gib=78.0, tpu_topology="", key="gpu8"))
-  c.mesh = ml_collections.ConfigDict(dict(shape=(1, 8, 1)))
-  c.distributed = ml_collections.ConfigDict(dict(
-      mode="env", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300))
-  c.model.update(name="/models/Qwen3-8B", arch="qwen3-8b", tokenizer="qwen3",
-                 dtype="bfloat16", param_dtype="float32", remat_policy="full")
-  c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),
-                                          param_dtype="float32", sampler_weights="merged"))
+  c = _paper().on_hardware("8x NVIDIA H100 80GB", 78.0, "gpu8", (1, 8, 1),
+                           param_dtype="float32")  # the reference run, fitted below
   c.rollout.update(max_turn_tokens=4096, max_episode_tokens=8192)
-  # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
-  # benchmarks/README.md) would hold another 16 GB of bf16 weights.
-  c.engine.update(num_slots=64, cache_len=8192, decode_chunk=8, unstack_layers=False)
+  c.engine.update(num_slots=64, cache_len=8192, decode_chunk=8)
   c.train.update(micro_batch=8, length_buckets=(1024, 2048, 4096, 8192), logprob_chunk=8192)
   return c

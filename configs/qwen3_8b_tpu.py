@@ -12,31 +12,21 @@ The simulator is SGLang on GPUs elsewhere (several URLs, or its router in front)
 import importlib.util
 import pathlib
 
-import ml_collections
-
 
 def _paper():
+  """configs/trustee_paper.py (configs are files, not a package)."""
   path = pathlib.Path(__file__).with_name("trustee_paper.py")
   spec = importlib.util.spec_from_file_location("trustee_paper", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
 
 
 def get_config():
-  c = _paper()  # the reference run's RL and world settings; what follows fits the hardware
-  c.hardware = ml_collections.ConfigDict(dict(
-      name="TPU v5p-32 (16 chips)", memory_gib=95.74, tpu_topology="v5p:2x2x4", key="tpu"))
-  c.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 4)))
-  c.distributed = ml_collections.ConfigDict(dict(
-      mode="auto", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=600))
-  c.model.update(name="/models/Qwen3-8B", arch="qwen3-8b", tokenizer="qwen3",
-                 dtype="bfloat16", param_dtype="float32", remat_policy="full")
-  c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),
-                                          param_dtype="float32", sampler_weights="merged"))
+  c = _paper().on_hardware("TPU v5p-32 (16 chips)", 95.74, "tpu", (1, 4, 4),
+                           param_dtype="float32", tpu_topology="v5p:2x2x4")
+  c.distributed.update(mode="auto", timeout_s=600)  # every worker of the TPU VM slice
   c.rollout.update(max_episode_tokens=24576)
-  # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
-  # benchmarks/README.md) would hold another 16 GB of bf16 weights.
-  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
+  c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8)
   c.train.update(micro_batch=4, logprob_chunk=8192)
   return c

@@ -1,5 +1,7 @@
 """TRUSTEE's released run (shared/DESIGN.md §7): Qwen3-8B policy, Qwen3-8B simulator on SGLang,
 every extension of this project switched off. Needs GPUs (see README: GPU with SGLang)."""
+import ml_collections
+
 from trustee_jax.default_config import default_config
 
 
@@ -32,4 +34,18 @@ def get_config():
   c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4)
   c.train.optimizer.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
   c.checkpoint.update(every=10, keep=3)
+  return c
+
+
+def on_hardware(name: str, memory_gib: float, key: str, mesh_shape: tuple[int, ...], *,
+                param_dtype: str, tpu_topology: str = ""):
+  """The reference run placed on a machine: what the qwen3_8b_* configs share. They change
+  only what that hardware needs (LoRA, episode length, slots, micro-batch)."""
+  c = get_config()
+  c.hardware = ml_collections.ConfigDict(dict(
+      name=name, memory_gib=memory_gib, tpu_topology=tpu_topology, key=key))
+  c.mesh.shape = tuple(mesh_shape)
+  c.model.update(arch="qwen3-8b", param_dtype=param_dtype, remat_policy="full")
+  c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),
+                                          param_dtype="float32", sampler_weights="merged"))
   return c
