@@ -287,3 +287,38 @@ def test_tool_results_render_verbatim(smollm2):
   text = smollm2.render_text([USER, CALLS] + RESULTS, TOOLS)
   assert '"arguments": {"city": "Paris"}' in text and RESULTS[0]["content"] in text
   assert json.loads(text.split("<tools>\n")[1].split("\n")[1]) == TOOLS[1]
+
+
+UNTAGGED = ('Sure.\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```\n'
+            'And {"name": "not_offered", "arguments": {}} too.')
+
+
+def test_untagged_calls_are_near_misses_by_default():
+  out = parse_output(UNTAGGED)
+  assert out.tool_calls == [] and out.errors == [] and out.untagged == 2
+  assert out.content == UNTAGGED.strip()  # the text is left as written
+
+
+def test_untagged_calls_naming_offered_tools_are_accepted_when_asked():
+  out = parse_output(UNTAGGED, first_call_index=3, untagged_tools={"get_weather", "book_table"})
+  assert out.tool_calls == [ToolCall("get_weather", {"city": "Oslo"}, "call_3")]
+  assert out.untagged == 2  # both were call-shaped; one named an offered tool
+  assert out.content == 'Sure.\n\nAnd {"name": "not_offered", "arguments": {}} too.'
+
+
+@pytest.mark.parametrize("text", [
+    '{"city": "Oslo"}',  # not call-shaped
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}, "extra": 1}',  # other keys
+    '{"name": "get_weather", "arguments": "city=Oslo"}',  # arguments not an object
+    'no json {here',
+])
+def test_untagged_parser_ignores_what_is_not_a_call(text):
+  out = parse_output(text, untagged_tools={"get_weather"})
+  assert out.tool_calls == [] and out.untagged == 0 and out.content == text
+
+
+def test_tagged_calls_win_over_untagged_ones():
+  text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+          '{"name": "book_table", "arguments": {"restaurant": "X", "people": 2}}')
+  out = parse_output(text, untagged_tools={"get_weather", "book_table"})
+  assert [c.name for c in out.tool_calls] == ["get_weather"] and out.untagged == 0

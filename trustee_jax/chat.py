@@ -33,7 +33,7 @@ concatenate to exactly `render(conversation, add_generation_prompt=False)`.
 import dataclasses
 import json
 import re
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import jsonschema
 
@@ -57,11 +57,16 @@ class ToolCallError:
 
 @dataclasses.dataclass(frozen=True)
 class ParsedTurn:
-  """One assistant turn split into visible content, reasoning, tool calls and malformed calls."""
+  """One assistant turn split into visible content, reasoning, tool calls and malformed calls.
+
+  `untagged` counts call-shaped JSON objects written without the <tool_call> tags: accepted as
+  calls (and counted in `tool_calls` too) when the parser was told to, near misses otherwise.
+  """
   content: str
   reasoning: str | None
   tool_calls: list[ToolCall]
   errors: list[ToolCallError]
+  untagged: int = 0
 
   def to_message(self) -> dict[str, Any]:
     """The turn as an OpenAI assistant message (arguments as JSON strings)."""
@@ -195,7 +200,8 @@ class ChatFormat:
                        "(e.g. reasoning_content while thinking is off)")
     return self.tokenizer.encode(full[len(prompt):len(full) - len(closing)] + self._eot_text)
 
-  def parse_output(self, text: str, first_call_index: int = 0) -> ParsedTurn:
+  def parse_output(self, text: str, first_call_index: int = 0, *,
+                   untagged_tools: Collection[str] | None = None) -> ParsedTurn:
     """`parse_output` after dropping a trailing end-of-turn or EOS token from decoded text."""
     stops = {self.tokenizer.decode([i]) for i in self.stop_ids}
     stripped = text.rstrip()
@@ -203,7 +209,7 @@ class ChatFormat:
       if stop and stripped.endswith(stop):
         text = stripped[:-len(stop)]
         break
-    return parse_output(text, first_call_index)
+    return parse_output(text, first_call_index, untagged_tools=untagged_tools)
 
   def _template_for(self, messages: Sequence[dict], tools: Sequence[dict] | None) -> str:
     uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
@@ -275,12 +281,15 @@ def normalize_tools(tools: Sequence[dict] | None) -> list[dict]:
   return [t if "function" in t else {"type": "function", "function": t} for t in tools or ()]
 
 
-def parse_output(text: str, first_call_index: int = 0) -> ParsedTurn:
+def parse_output(text: str, first_call_index: int = 0, *,
+                 untagged_tools: Collection[str] | None = None) -> ParsedTurn:
   """Split decoded policy output into content, reasoning and tool calls; malformed calls are reported.
 
   Calls get ids "call_{first_call_index}", "call_{first_call_index + 1}", ... in order. A call with
   no "arguments" (or Llama-style "parameters") has arguments {}. Tool calls inside an unclosed
-  think block are not parsed.
+  think block are not parsed. A turn with no tagged call may still hold bare or fenced
+  `{"name": ..., "arguments": {...}}` objects: with `untagged_tools` (the offered tool names) those
+  naming an offered tool become calls; either way they are counted in `untagged`.
   """
   reasoning, rest = _split_reasoning(text)
   content, calls, errors = [], [], []
@@ -307,7 +316,42 @@ def parse_output(text: str, first_call_index: int = 0) -> ParsedTurn:
       errors.append(ToolCallError(rest[start:pos], call))
     else:
       calls.append(call)
-  return ParsedTurn("".join(content).strip(), reasoning, calls, errors)
+  text_content = "".join(content).strip()
+  if calls or errors:
+    return ParsedTurn(text_content, reasoning, calls, errors)
+  offered = untagged_tools if untagged_tools is not None else ()
+  accepted, found, remainder = _untagged_calls(text_content, first_call_index, offered)
+  return ParsedTurn(remainder, reasoning, accepted, [], untagged=found)
+
+
+_FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?|```")
+
+
+def _untagged_calls(text: str, first_call_index: int, offered: Collection[str]
+                    ) -> tuple[list[ToolCall], int, str]:
+  """Call-shaped JSON objects written without tags (bare or in a code fence): those naming an
+  offered tool as calls, how many were found in all, and the text without the accepted ones
+  (and without code fences, when any was accepted)."""
+  decoder = json.JSONDecoder()
+  calls, kept, found, pos = [], [], 0, 0
+  while (start := text.find("{", pos)) != -1:
+    try:
+      obj, end = decoder.raw_decode(text, start)
+    except json.JSONDecodeError:
+      kept.append(text[pos:start + 1])
+      pos = start + 1
+      continue
+    call = None
+    if isinstance(obj, dict) and set(obj) <= {"name", "arguments", "parameters"}:
+      call = _parse_call(json.dumps(obj), f"call_{first_call_index + len(calls)}")
+    found += isinstance(call, ToolCall)
+    take = isinstance(call, ToolCall) and call.name in offered
+    kept.append(text[pos:start] if take else text[pos:end])
+    if take:
+      calls.append(call)
+    pos = end
+  kept.append(text[pos:])
+  return calls, found, (_FENCE.sub("", "".join(kept)).strip() if calls else text)
 
 
 def validate_call(call: ToolCall, tools: Sequence[dict], strict: bool = False) -> str | None:

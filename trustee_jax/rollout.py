@@ -32,6 +32,9 @@ class RolloutConfig:
   enable_thinking: bool = False
   max_parallel_calls: int = 3
   invalid_call_penalty: float = 0.0  # format term per malformed or invalid tool call
+  # Accept a bare or fenced {"name", "arguments"} object naming an offered tool as a call (small
+  # models that skip the <tool_call> tags); counted apart either way. Off in the paper config.
+  accept_untagged_calls: bool = False
 
   @classmethod
   def from_dict(cls, d: Any) -> "RolloutConfig":
@@ -67,6 +70,9 @@ class Episode:
   num_turns: int = 0
   num_tool_calls: int = 0
   num_invalid_calls: int = 0
+  num_valid_calls: int = 0  # calls that fit an offered tool's schema
+  num_untagged_calls: int = 0  # calls accepted without <tool_call> tags (accept_untagged_calls)
+  num_near_misses: int = 0  # call-shaped JSON without tags that was not taken as a call
   termination: str = ""  # user_ended | budget_turns | budget_tokens | error
   error: str | None = None
 
@@ -135,6 +141,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
         f"task {task_index}: its prompt ({len(seq.tokens)} tokens, {len(tools)} tools) leaves no "
         f"room for a turn within rollout.max_episode_tokens={cfg.max_episode_tokens}")
   ledger = ToolLedger.for_task(task)
+  offered = {chat_lib.normalize_tools([t])[0]["function"].get("name") for t in tools}
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
   user_turns = assistant_turns = tool_turns = 0
   turn = 0
@@ -155,7 +162,12 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       seq.add([eot])
     assistant_turns += 1
     text = tokenizer.decode([t for t in comp.tokens if t not in chat.stop_ids])
-    parsed = chat_lib.parse_output(text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls)
+    parsed = chat_lib.parse_output(
+        text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls,
+        untagged_tools=offered if cfg.accept_untagged_calls else None)
+    accepted_untagged = len(parsed.tool_calls) if parsed.untagged else 0
+    ep.num_untagged_calls += accepted_untagged
+    ep.num_near_misses += parsed.untagged - accepted_untagged
     messages.append(_assistant_message(parsed, text))
     if parsed.tool_calls or parsed.errors:
       tool_turns += 1
@@ -165,7 +177,9 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
         ep.num_invalid_calls += 1
         new_msgs.append({"role": "tool", "content": f"Error: malformed tool call ({err.reason})"})
         rewards.append(-1.0)
-      ep.num_invalid_calls += sum(chat_lib.validate_call(c, tools) is not None for c in calls)
+      valid = sum(chat_lib.validate_call(c, tools) is None for c in calls)
+      ep.num_invalid_calls += len(calls) - valid
+      ep.num_valid_calls += valid
       ep.num_tool_calls += len(calls)
       if calls:
         results = await world.tools.execute(task, ledger, calls, derive_seed(seed, turn, 1))

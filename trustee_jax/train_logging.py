@@ -41,6 +41,9 @@ class RunLogger:
            "episodes/turns": _mean([e.num_turns for e in eps]),
            "episodes/tool_calls": _mean([e.num_tool_calls for e in eps]),
            "episodes/invalid_tool_calls": _mean([e.num_invalid_calls for e in eps]),
+           "episodes/with_valid_tool_call": _mean([e.num_valid_calls > 0 for e in eps]),
+           "episodes/untagged_tool_calls": _mean([e.num_untagged_calls for e in eps]),
+           "episodes/near_miss_tool_calls": _mean([e.num_near_misses for e in eps]),
            "episodes/dropped_groups": float(result.dropped_groups),
            "episodes/dropped": float(sum(result.dropped_episodes.values()))}
     for cause, n in result.dropped_episodes.items():
@@ -68,6 +71,7 @@ class RunLogger:
              "judge_score": e.judge_score, "judge_reason": e.judge_reason,
              "termination": e.termination, "tool_calls": e.num_tool_calls,
              "invalid_tool_calls": e.num_invalid_calls,
+             "untagged_tool_calls": e.num_untagged_calls, "near_misses": e.num_near_misses,
              "turn_rewards": sorted(set(float(r) for r in e.turn_rewards[e.loss_mask > 0]))}
       lines.append(json.dumps(rec, default=str))
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
