@@ -57,7 +57,7 @@ def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
   for tag in ("reward/mean", "train/clip_frac", "knobs/num_tools", "episodes/tool_calls",
               "time/update", "world/tasks/generated"):
     assert scalar_steps(tmp_path / "tb", tag) == [1, 2], tag
-  assert scalar_steps(tmp_path / "tb", "val/reward_mean") == [2]  # validation.every = 2
+  assert scalar_steps(tmp_path / "tb", "val/reward_mean") == [0, 2]  # before training, every 2
   assert 1 <= len(json.loads((tmp_path / "validation_tasks.json").read_text())) <= 2
   lines = (tmp_path / "episodes" / "step_2.jsonl").read_text().splitlines()
   assert lines and '"messages"' in lines[0] and '"judge_reason"' in lines[0]
@@ -217,3 +217,22 @@ def test_two_processes_train_one_policy(tmp_path):
   # One process resumes what two wrote (another topology: Orbax reshards onto one device).
   train.train(load_config("test", **{"train.steps": 3, "rollout_concurrency": 1}), tmp_path)
   assert (tmp_path / "checkpoints" / "3").is_dir()
+
+
+def _episode(task: int, reward: float):
+  from trustee_jax.rollout import Episode
+  return Episode(task, 0, *(np.zeros(1),) * 4, reward=reward)
+
+
+def test_negative_controls_shuffle_rewards_or_leave_them():
+  episodes = [_episode(t, r) for t, r in ((0, 1.0), (0, -1.0), (1, 0.0), (1, 1.0), (2, -1.0))]
+  assert train.negative_control("", episodes, 7) is episodes
+  assert train.negative_control("negate_advantages", episodes, 7) is episodes  # at the advantages
+  shuffled = train.negative_control("permute_rewards", episodes, 7)
+  assert sorted(e.reward for e in shuffled) == sorted(e.reward for e in episodes)
+  assert [e.reward for e in shuffled] != [e.reward for e in episodes]  # this seed moves them
+  assert [e.reward for e in episodes] == [1.0, -1.0, 0.0, 1.0, -1.0]  # the originals untouched
+  assert [e.reward for e in train.negative_control("permute_rewards", episodes, 7)] == \
+      [e.reward for e in shuffled]  # seeded
+  with pytest.raises(ValueError, match="train.control"):
+    train.negative_control("flip", episodes, 7)

@@ -20,8 +20,7 @@ from trustee_jax import curriculum as cur
 from trustee_jax import distributed, grpo, lora, rollout, update
 from trustee_jax.checkpoint import Checkpointer, abstract_like
 from trustee_jax.chat import ChatFormat
-from trustee_jax.models import model_configs, tokenizer as tok_lib, weights
-from trustee_jax.models.transformer import create_model
+from trustee_jax.models import loading, model_configs
 from trustee_jax.sampling.engine import Engine
 from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger
@@ -29,22 +28,14 @@ from trustee_jax.world import build_world
 
 
 def load_policy(cfg, mesh=None) -> tuple[Any, Any]:
-  """(model, tokenizer) from `cfg.model.name`: "smollm2" (the packaged GGUF), a Hugging Face
-  directory, or a named random config (then `cfg.model.tokenizer` names the tokenizer).
-  With a mesh the weights are loaded straight into their shardings."""
-  name = cfg.model.name
-  overrides = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy")
-               if k in cfg.model}
-  if name == "smollm2":
-    model, tokenizer = weights.load_gguf(mesh=mesh), tok_lib.load_tokenizer("smollm2")
-  elif pathlib.Path(name).is_dir():
-    model, tokenizer = weights.load_hf(name, mesh=mesh), tok_lib.load_tokenizer(name)
-  else:
-    mcfg = model_configs.get_model_config(name, **overrides)
-    return (create_model(mcfg, seed=cfg.seed, mesh=mesh),
-            tok_lib.load_tokenizer(cfg.model.tokenizer))
-  model.cfg = model.cfg.replace(**overrides)
-  return model, tokenizer
+  """(model, tokenizer) from `cfg.model.name` (see `models.loading`: a packaged GGUF, a Hugging
+  Face directory, or a named random config, whose tokenizer `cfg.model.tokenizer` names), with
+  the weights in `cfg.model.param_dtype`; with a mesh they load straight into their shardings."""
+  m = cfg.model
+  tokenizer = m.get("tokenizer", "") if m.name in model_configs.MODEL_CONFIGS else ""
+  return loading.load_model_and_tokenizer(
+      m.name, tokenizer, mesh=mesh, param_dtype=m.get("param_dtype"), dtype=m.get("dtype"),
+      seed=cfg.seed, remat_policy=m.get("remat_policy"))
 
 
 def model_meta(model) -> dict[str, Any]:
@@ -87,6 +78,23 @@ def check_budgets(cfg) -> None:
   if cfg.rollout.max_turn_tokens >= longest:
     raise ValueError(f"rollout.max_turn_tokens ({cfg.rollout.max_turn_tokens}) must be below "
                      f"rollout.max_episode_tokens ({longest})")
+
+
+CONTROLS = ("", "negate_advantages", "permute_rewards")
+
+
+def negative_control(control: str, episodes: list[rollout.Episode], seed: int
+                     ) -> list[rollout.Episode]:
+  """The episodes the update trains on under a negative control of the learning benchmark:
+  "permute_rewards" shuffles the rewards across the step's episodes (seeded), so they no longer
+  say which episode did well; "negate_advantages" is applied to the advantages later; "" (a real
+  run) leaves them be. Logged rewards and the curriculum always see the true rewards."""
+  if control not in CONTROLS:
+    raise ValueError(f"train.control must be one of {CONTROLS}, got {control!r}")
+  if control != "permute_rewards":
+    return episodes
+  rewards = np.random.default_rng(seed).permutation([e.reward for e in episodes])
+  return [dataclasses.replace(e, reward=float(r)) for e, r in zip(episodes, rewards)]
 
 
 HOST_STATE = ("curriculum", "step")  # state every process holds whole, on the host side
@@ -187,11 +195,17 @@ class Trainer:
 
   # ---- one step ------------------------------------------------------------------------
 
-  async def _tasks(self, step: int, key=None, n: int | None = None, seed_step: int | None = None):
-    """This process's share of the step's tasks (knobs drawn alike on every process)."""
+  async def _tasks(self, step: int, key=None, n: int | None = None, seed_step: int | None = None,
+                   level: int = 0):
+    """This process's share of the step's tasks (knobs drawn alike on every process), at the
+    curriculum's level or, when given, at a fixed `level` (soft draws off)."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if key is None else key
     n = self.cfg.train.tasks_per_step if n is None else n
-    knobs = cur.knobs(self.cur_cfg, self.state["curriculum"], key, n).unbatch()
+    cur_cfg, state = self.cur_cfg, self.state["curriculum"]
+    if level:
+      cur_cfg = dataclasses.replace(cur_cfg, epsilon=0.0)
+      state = state.replace(level=jnp.full_like(state.level, level))
+    knobs = cur.knobs(cur_cfg, state, key, n).unbatch()
     mine = knobs[distributed.process_slice(len(knobs), self.info)]
     return await self.world.make_tasks(
         mine, rollout.derive_seed(self.host_seed, step if seed_step is None else seed_step))
@@ -234,6 +248,8 @@ class Trainer:
     if part:
       arrays = rollout.to_arrays(part, (width,))
       arrays["advantages"] = self._advantages(arrays)
+      if self.cfg.train.get("control", "") == "negate_advantages":
+        arrays["advantages"] = -arrays["advantages"]
     else:  # this process has no episodes in this mini-batch; others do
       arrays = rollout.to_arrays([rollout.Episode(0, 0, *(np.zeros(1),) * 4)], (width,))
       arrays = {k: v[:0] for k, v in arrays.items()}
@@ -244,8 +260,10 @@ class Trainer:
     metrics: list[dict[str, float]] = []
     parts = self._minibatches(episodes)
     for i in range(distributed.agree_max(len(parts))):  # the same update calls on every process
-      batch = self._device_batch(self._part_arrays(
-          [episodes[j] for j in parts[i]] if i < len(parts) else []))
+      part = [episodes[j] for j in parts[i]] if i < len(parts) else []
+      arrays = self._part_arrays(part)
+      adv = arrays["advantages"][:len(part)]  # this process's real rows (the rest is padding)
+      batch = self._device_batch(arrays)
       if self.cfg.train.recompute_old_logprobs:
         sampled = batch["old_logprobs"][:, 1:]
         recomputed = self.logprob_fn(self.state["params"], batch["tokens"], batch["positions"])
@@ -261,6 +279,8 @@ class Trainer:
       m = {k: float(v) for k, v in m.items()}
       if gap is not None:
         m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
+      m["advantage_abs_mean"] = float(np.mean(np.abs(adv))) if len(adv) else 0.0
+      m["nonzero_advantage_frac"] = float(np.mean(adv != 0)) if len(adv) else 0.0
       metrics.append(m)
     self.engine.update_params(self.engine_model())
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
@@ -290,7 +310,9 @@ class Trainer:
         rewards, len(tasks) * self.rollout_cfg.group_size).astype(np.float32)
     if all_rewards.size:
       t0 = time.perf_counter()
-      scalars.update({f"train/{k}": v for k, v in self._update(result.episodes).items()})
+      trained = negative_control(self.cfg.train.get("control", ""), result.episodes,
+                                 rollout.derive_seed(self.host_seed, step, 0xC0))
+      scalars.update({f"train/{k}": v for k, v in self._update(trained).items()})
       times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
       self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
                                             jnp.asarray(all_rewards))
@@ -314,7 +336,8 @@ class Trainer:
     if path.exists():
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x7FFFFFFF)  # not a train step
-    tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1)
+    tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1,
+                              level=int(self.cfg.validation.get("level", 0)))
     path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
     return tasks
 
@@ -326,7 +349,7 @@ class Trainer:
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
         cfg=cfg, seed=rollout.derive_seed(self.host_seed, -1), step=step,
-        max_concurrent=self.cfg.rollout_concurrency)
+        max_concurrent=self.cfg.rollout_concurrency, min_group=1)
     eps = result.episodes
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
             "val/success_rate": float(np.mean([e.judge_score == 1 for e in eps])) if eps else 0.0,
@@ -338,6 +361,9 @@ class Trainer:
     cfg = self.cfg
     last = {}
     val_tasks = await self._validation_tasks() if cfg.validation.every else []
+    if val_tasks and self.start_step == 0:  # the untrained policy, the curves' starting point
+      self.log.scalars(0, await self.validate(0, val_tasks))
+      self.log.flush()
     bar = tqdm.tqdm(range(self.start_step + 1, cfg.train.steps + 1), desc="train",
                     initial=self.start_step, total=cfg.train.steps, disable=not cfg.progress_bar)
     for step in bar:

@@ -1,0 +1,47 @@
+"""One way to name a model everywhere (policy, simulator server, export, benchmarks):
+a packaged GGUF ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), a Hugging Face
+directory, or a named shape from model_configs with random weights (tests)."""
+import pathlib
+
+from trustee_jax.models import model_configs, packaged, weights
+from trustee_jax.models import tokenizer as tok_lib
+from trustee_jax.models.transformer import Transformer, create_model
+
+PACKAGED = tuple(packaged.MODELS)  # the GGUF files shipped in (part) packages
+
+
+def default_tokenizer(name: str) -> str:
+  """The tokenizer a model name implies: its own file or directory; for random shapes, Qwen3's
+  for the Qwen families and SmolLM2's otherwise."""
+  if name in PACKAGED or pathlib.Path(name).is_dir():
+    return name
+  return "qwen3" if "qwen" in name else "smollm2"
+
+
+def load_model(name: str, *, mesh=None, param_dtype: str | None = None,
+               dtype: str | None = None, seed: int = 0, remat_policy: str | None = None
+               ) -> Transformer:
+  """The model `name` stands for, its weights in `param_dtype` (default: f32 for GGUF files,
+  the checkpoint's dtype for HF directories) computing in `dtype` (default: param_dtype)."""
+  if name in PACKAGED:
+    path = packaged.smollm2_gguf_path() if name == "smollm2" else packaged.packaged_gguf_path(name)
+    model = weights.load_gguf(path, mesh=mesh, param_dtype=param_dtype or "float32", dtype=dtype)
+  elif pathlib.Path(name).is_dir():
+    model = weights.load_hf(name, mesh=mesh, param_dtype=param_dtype, dtype=dtype)
+  elif name in model_configs.MODEL_CONFIGS:
+    overrides = {k: v for k, v in (("param_dtype", param_dtype),
+                                   ("dtype", dtype or param_dtype)) if v}
+    return create_model(model_configs.get_model_config(
+        name, **overrides, **({"remat_policy": remat_policy} if remat_policy else {})),
+        seed=seed, mesh=mesh)
+  else:
+    raise ValueError(f"unknown model {name!r}: expected one of {PACKAGED} (packaged GGUF), a "
+                     f"Hugging Face directory, or a named config {sorted(model_configs.MODEL_CONFIGS)}")
+  if remat_policy:
+    model.cfg = model.cfg.replace(remat_policy=remat_policy)
+  return model
+
+
+def load_model_and_tokenizer(name: str, tokenizer: str = "", **kw) -> tuple[Transformer, tok_lib.Tokenizer]:
+  """`load_model(name, **kw)` and its tokenizer (`tokenizer` overrides the implied one)."""
+  return load_model(name, **kw), tok_lib.load_tokenizer(tokenizer or default_tokenizer(name))
