@@ -225,8 +225,10 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
 
 
 async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: RolloutConfig,
-                       seed: int, step: int, max_concurrent: int = 0) -> RolloutResult:
-  """Runs len(tasks) x group_size episodes concurrently; drops failed episodes and groups.
+                       seed: int, step: int, max_concurrent: int = 0,
+                       min_group: int = 2) -> RolloutResult:
+  """Runs len(tasks) x group_size episodes concurrently; drops failed episodes, and groups left
+  with fewer than `min_group` episodes (GRPO needs 2; validation keeps single episodes).
 
   max_concurrent bounds the episodes in flight (0: all at once; 1: one after another, which
   also makes the engine's batch shapes, and so its float results, independent of timing).
@@ -257,7 +259,7 @@ async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: Rol
   episodes, dropped_groups = [], 0
   for t in range(len(tasks)):
     group = by_task.get(t, [])
-    if len(group) < 2:
+    if len(group) < max(min_group, 1):
       dropped_groups += 1
       dropped["group_too_small"] += len(group)
       continue
