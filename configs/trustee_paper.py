@@ -16,14 +16,15 @@ def get_config():
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
                      max_retries=3, max_concurrency=128)
   thinking = {"enable_thinking": True}
-  c.world.task.update(hidden_facts=False, initial_state=False, max_tokens=2048,
-                      chat_template_kwargs=thinking)
+  c.world.task.update(hidden_facts=False, initial_state=False, expected_arguments=False,
+                      max_tokens=2048, chat_template_kwargs=thinking)
   c.world.user.update(max_tokens=2048, frequency_penalty=0.1, chat_template_kwargs=thinking)
   c.world.tools.update(schema_check=False, use_ledger=False, show_conversation=True,
                        max_result_chars=512,
                        max_parallel_calls=3, max_tokens=2048, frequency_penalty=0.1,
                        chat_template_kwargs=thinking)
-  c.world.judge.update(max_criteria=2, num_votes=1, score_rule="model", max_tokens=2048, chat_template_kwargs=thinking)
+  c.world.judge.update(mode="lm", max_criteria=2, num_votes=1, score_rule="model", max_tokens=2048,
+                       chat_template_kwargs=thinking)
   c.world.tool_pool = "/data/toolbench_tools.json"  # TRUSTEE's pool, given its path
   c.world.lenient_pool = True  # its "credentials"/"select" parameter types are repaired
   c.curriculum.update(mode="level")  # reference multipliers, thresholds 0.5/0.0, step 3

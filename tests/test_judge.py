@@ -1,7 +1,10 @@
 """Judge: exact trajectory rendering, injection resistance (with a positive control), score rules."""
 import asyncio
+import dataclasses
 import json
+import math
 import re
+import types
 
 import pytest
 
@@ -159,3 +162,163 @@ def test_majority_vote_over_k_samples():
   assert got.votes == (1, -1, 1) and got.score == 1 and got.reason == "v0"
   assert len({r.kwargs["seed"] for r in client.requests}) == 3
   assert judge_mod.majority([1, -1]) == -1 and judge_mod.majority([0, 1, 1, 0]) == 0
+
+
+# ---- modes: rule, blend, questions ----------------------------------------------------------
+
+CHECKED = dataclasses.replace(TASK, expected_calls=[
+    {"name": "cancel_order", "arguments": {"order_id": "A-1042"}}])
+TWO = dataclasses.replace(TASK, expected_calls=[
+    {"name": "cancel_order", "arguments": {"order_id": "A-1042"}},
+    {"name": "cancel_order", "arguments": {"order_id": "B-7"}}])
+LM_REPLY = {"reason": "ok", "criteria_met": [True, True], "score": 1}
+
+
+def judged(task, messages, cfg, replies=(), n=5):
+  client = ScriptedClient(replies if callable(replies) else list(replies))
+  return asyncio.run(judge_mod.Judge(client, cfg).score(task, messages, n, seed=3)), client
+
+
+def test_lm_mode_adds_only_the_check_parts():
+  plain, _ = judged(TASK, episode(), {}, [LM_REPLY], n=2)
+  checked, client = judged(CHECKED, episode(), {"mode": "lm"}, [LM_REPLY], n=2)
+  assert plain == judge_mod.Judgement(1, "ok", (1,)) and plain.check is None
+  assert (checked.score, checked.reason, checked.votes) == (1, "ok", (1,))
+  assert checked.check["passed"] == 1.0 and checked.check["matched"] == 1.0
+  assert client.requests[0].prompt == judge_mod.Judge(ScriptedClient([])).prompt(CHECKED, episode(), 2)
+
+
+@pytest.mark.parametrize("args,task,score", [
+    ('{"order_id": " a-1042"}', CHECKED, 1),  # normalised match
+    ('{"order_id": "A-1043"}', CHECKED, 0),  # the tool, wrong arguments
+    ('{"order_id": "A-1042"}', TWO, -1),  # the second expected call never made
+])
+def test_rule_mode_needs_no_lm(args, task, score):
+  got, client = judged(task, episode(args=args), {"mode": "rule"})
+  assert got.score == score and got.votes == (score,) and client.requests == []
+  assert got.reason.startswith("rule check: ") and set(got.check) >= {"matched", "extra", "score"}
+
+
+def test_rule_and_blend_need_expected_calls():
+  for mode in ("rule", "blend"):
+    with pytest.raises(ValueError, match="needs tasks with expected_calls"):
+      judged(TASK, episode(), {"mode": mode})
+  with pytest.raises(ValueError, match="mode must be one of"):
+    judge_mod.Judge(ScriptedClient([]), {"mode": "vibes"})
+
+
+@pytest.mark.parametrize("mode", judge_mod.MODES)
+def test_no_tool_call_scores_minus_one_in_every_mode(mode):
+  messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Done!"}]
+  got, client = judged(CHECKED, messages, {"mode": mode})
+  assert got == judge_mod.Judgement(-1, "no tool call in the episode", ()) and client.requests == []
+
+
+def test_blend_gates_on_the_check():
+  nothing, client = judged(CHECKED, episode(args='{"order_id": "Z"}'), {"mode": "blend"})
+  assert nothing.score == -1 and client.requests == []  # the tool called, nothing matched
+  partly = episode()
+  partly[2]["tool_calls"].append({"id": "c2", "type": "function", "function": {
+      "name": "cancel_order", "arguments": '{"order_id": "Q"}'}})
+  part, client = judged(TWO, partly, {"mode": "blend"})
+  assert part.score == 0 and part.check["matched"] == 1.0 and client.requests == []
+  extra, client = judged(CHECKED, partly, {"mode": "blend"})
+  assert extra.score == 0 and client.requests == []  # criterion 4: an extra call
+  shy, client = judged(CHECKED, partly, {"mode": "blend"}, [LM_REPLY],
+                       n=3)
+  assert shy.score == 1 and len(client.requests) == 1  # criterion 4 not applicable at n = 3
+
+
+@pytest.mark.parametrize("met,score", [([True, True, True], 1), ([True, False, True], 0)])
+def test_blend_asks_the_lm_only_about_the_conversation(met, score):
+  got, client = judged(CHECKED, episode(), {"mode": "blend"},
+                       [{"reason": "r", "criteria_met": met, "score": -1}])
+  assert got.score == score and got.votes == (score,) and got.check["passed"] == 1.0
+  (req,) = client.requests
+  assert req.schema["properties"]["criteria_met"]["minItems"] == 3
+  assert "1. Tells the user the outcome" in req.prompt and "3. Concise" in req.prompt
+  assert "Uses the expected tools" not in req.prompt and "No redundant" not in req.prompt
+
+
+def yes_unless(*words):
+  """A question-answering LM double: "no" when the question names any of `words`."""
+  return lambda req: {"answer": "no" if any(w in req.prompt.split("Question:")[1] for w in words)
+                      else "yes"}
+
+
+@pytest.mark.parametrize("no,score", [((), 1), (("to the point",), 0),
+                                      (("get this done", "supported", "needed"), -1)])
+def test_questions_mode(no, score):
+  got, client = judged(CHECKED, episode(), {"mode": "questions"}, yes_unless(*no))
+  assert got.score == score and got.check["passed"] == 1.0
+  assert len(client.requests) == 5 and all(r.schema == judge_mod.question_schema()
+                                           for r in client.requests)
+  intent, tools, facts, redundant, concise = (r.prompt for r in client.requests)
+  assert "The user wanted: Cancel order A-1042." in intent and "cancelled" in intent
+  assert '{"name": "cancel_order", "arguments": {"order_id": "A-1042"}}' in tools
+  assert "cancelled" not in tools and "Your order is cancelled." not in tools  # calls only
+  assert "Cancel my order A-1042 please." in facts and "Your order is cancelled." in facts
+  assert "Your order is cancelled." in concise and "order_id" not in concise
+  assert all(p.count("<excerpt>") == 1 for p in (intent, tools, facts, redundant, concise))
+
+
+def test_questions_skip_empty_excerpts_and_cut_long_ones():
+  silent = episode()[:-1]  # no text reply at all: conciseness counts as met
+  got, client = judged(CHECKED, silent, {"mode": "questions"}, yes_unless(), n=5)
+  assert got.score == 1 and len(client.requests) == 4
+  judge = judge_mod.Judge(ScriptedClient([]), {"max_excerpt_chars": 200})
+  prompts = judge.question_prompts(CHECKED, episode(user="x" * 300), 3)
+  assert "Cancel my order" not in prompts[2] and "Your order is cancelled." in prompts[2]
+
+
+def test_answer_probs_and_verdicts():
+  lp = lambda t, p, top=(): {"token": t, "logprob": math.log(p),
+                             "top_logprobs": [{"token": a, "logprob": math.log(q)} for a, q in top]}
+  logprobs = {"content": [lp('{"', 1.0), lp("answer", 1.0), lp('":', 1.0), lp(' "', 1.0),
+                          lp("yes", 0.6, [("yes", 0.6), ("no", 0.3), ("y", 0.05), ("maybe", 0.05)]),
+                          lp('"}', 1.0)]}
+  p_yes, p_no = judge_mod.answer_probs(logprobs)
+  assert p_yes == pytest.approx(0.65) and p_no == pytest.approx(0.3)
+  merged = {"content": [lp('{"answer":', 1.0), lp('"no', 0.7, [('"no', 0.7), ('"yes', 0.2)]),
+                        lp('"}', 1.0)]}
+  assert judge_mod.answer_probs(merged) == pytest.approx((0.2, 0.7))
+  assert judge_mod.answer_probs(None) == (0.0, 0.0)
+  assert judge_mod.verdict_from_logprobs(0.65, 0.3, 0.5)
+  assert not judge_mod.verdict_from_logprobs(0.65, 0.3, 0.8)
+  assert judge_mod.verdict_from_logprobs(0.0, 0.0, 0.5) is None
+
+
+def test_calibrated_threshold_reads_a_yes_leaning_lm():
+  scores = [0.97, 0.95, 0.9, 0.8, 0.75]  # P(yes) normalised: "yes" everywhere when sampled
+  labels = [True, True, True, False, False]
+  t = judge_mod.calibrate_threshold(scores, labels)
+  assert 0.8 < t < 0.9 and [s >= t for s in scores] == labels
+  with pytest.raises(ValueError):
+    judge_mod.calibrate_threshold([0.5], [])
+
+
+class LogprobClient:
+  """A client double with `chat`: every answer "yes" with P(yes) = `p_yes`, P(no) = 1 - p_yes."""
+
+  def __init__(self, p_yes: float):
+    self.p_yes, self.calls = p_yes, []
+
+  async def chat(self, messages, **kwargs):
+    self.calls.append(kwargs)
+    top = [{"token": "yes", "logprob": math.log(self.p_yes)},
+           {"token": "no", "logprob": math.log(1 - self.p_yes)}]
+    tokens = [{"token": '{"answer": "', "logprob": 0.0},
+              {"token": "yes", "logprob": top[0]["logprob"], "top_logprobs": top},
+              {"token": '"}', "logprob": 0.0}]
+    return types.SimpleNamespace(content='{"answer": "yes"}',
+                                 raw={"choices": [{"logprobs": {"content": tokens}}]})
+
+
+@pytest.mark.parametrize("p_yes,score", [(0.95, 1), (0.7, -1)])
+def test_questions_from_logprobs(p_yes, score):
+  client = LogprobClient(p_yes)
+  judge = judge_mod.Judge(client, {"mode": "questions", "logprob_threshold": 0.9})
+  got = asyncio.run(judge.score(CHECKED, episode(), 2, seed=0))
+  assert got.score == score and len(client.calls) == 2
+  assert client.calls[0]["logprobs"] is True and client.calls[0]["top_logprobs"] == 5
+  assert client.calls[0]["response_format"]["json_schema"]["schema"] == judge_mod.question_schema()

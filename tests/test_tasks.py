@@ -32,19 +32,34 @@ TOOLS = [tools_pool.tool_spec(e) for e in POOL["Online Shopping"]["Cart and Orde
 NAMES = [t["function"]["name"] for t in TOOLS]  # add_to_cart, view_cart, checkout_cart
 
 
+CALLS = [{"name": "add_to_cart", "arguments": {"product_id": "K-220", "quantity": 2}},
+         {"name": "checkout_cart", "arguments": {"shipping_speed": "express",
+                                                 "payment_method_id": "pm-7"}}]
+
+
 def reply(query="Hi, I want to buy that blue kettle I looked at yesterday.", **over):
-  out = {"user_intent": "Buy one blue kettle (product K-220) with express shipping.",
+  out = {"user_intent": "Buy 2 blue kettles (product K-220) with express shipping.",
          "user_persona": "A novice online shopper.",
-         "hidden_facts": ["The product id is K-220."],
+         "hidden_facts": ["The product id is K-220.", "Their saved card is PM-7."],
          "initial_state": ["Product K-220 is in stock at $39."],
-         "expected_tool_calls": ["add_to_cart", "checkout_cart"],
+         "expected_calls": CALLS,
          "first_user_query": query}
   out.update(over)
   return out
 
 
+def ref_reply(**over):
+  """A reply under the reference's schema (expected_arguments off): tool names only."""
+  out = reply()
+  del out["expected_calls"]
+  return {**out, "expected_tool_calls": ["add_to_cart", "checkout_cart"], **over}
+
+
+REF = tl.TaskGenConfig(expected_arguments=False)
+
+
 def test_schema_is_built_per_task():
-  schema = tl.task_schema(NAMES, 2)
+  schema = tl.task_schema(NAMES, 2, REF)
   jsonschema.Draft202012Validator.check_schema(schema)
   assert schema["x-guidance"] == {"whitespace_flexible": False}
   order = list(schema["properties"])
@@ -54,20 +69,84 @@ def test_schema_is_built_per_task():
   calls = schema["properties"]["expected_tool_calls"]
   assert calls["items"]["enum"] == sorted(NAMES)
   assert (calls["minItems"], calls["maxItems"]) == (2, 2)
-  slack = tl.task_schema(NAMES, 1, tl.TaskGenConfig(calls_slack=1))["properties"]
+  slack = tl.task_schema(NAMES, 1, dataclasses.replace(REF, calls_slack=1))["properties"]
   assert (slack["expected_tool_calls"]["minItems"], slack["expected_tool_calls"]["maxItems"]) == (1, 2)
-  ref = tl.task_schema(NAMES, 2, tl.TaskGenConfig(hidden_facts=False, initial_state=False))
+  ref = tl.task_schema(NAMES, 2, dataclasses.replace(REF, hidden_facts=False, initial_state=False))
   assert list(ref["properties"]) == ["user_intent", "user_persona", "expected_tool_calls",
                                      "first_user_query"]
-  jsonschema.validate(reply(), schema)
+  jsonschema.validate(ref_reply(), schema)
   with pytest.raises(jsonschema.ValidationError):
-    jsonschema.validate(reply(expected_tool_calls=["cancel_order", "add_to_cart"]), schema)
+    jsonschema.validate(ref_reply(expected_tool_calls=["cancel_order", "add_to_cart"]), schema)
+
+
+def test_schema_with_expected_arguments():
+  schema = tl.task_schema(NAMES, 2, tools=TOOLS)
+  jsonschema.Draft202012Validator.check_schema(schema)
+  assert list(schema["properties"]) == ["user_intent", "user_persona", "hidden_facts",
+                                        "initial_state", "expected_calls", "first_user_query"]
+  calls = schema["properties"]["expected_calls"]
+  assert (calls["minItems"], calls["maxItems"]) == (2, 2)
+  branches = calls["items"]["anyOf"]
+  assert [b["properties"]["name"] for b in branches] == [{"const": n} for n in sorted(NAMES)]
+  add = next(b for b in branches if b["properties"]["name"]["const"] == "add_to_cart")
+  assert add["properties"]["arguments"]["required"] == ["product_id"]
+  assert add["properties"]["arguments"]["additionalProperties"] is False
+  jsonschema.validate(reply(), schema)
+  jsonschema.validate(reply(expected_calls=[CALLS[0], {"name": "view_cart", "arguments": {}}]),
+                      schema)
+  add_call = CALLS[0]["arguments"]
+  for bad in ({"name": "add_to_cart", "arguments": {**add_call, "quantity": "2"}},  # wrong type
+              {"name": "add_to_cart", "arguments": {**add_call, "colour": "blue"}},  # unknown
+              {"name": "add_to_cart", "arguments": {"quantity": 2}},  # required one missing
+              {"name": "cancel_order", "arguments": {}},  # not a sampled tool
+              {"name": "view_cart"}):  # no arguments
+    with pytest.raises(jsonschema.ValidationError):
+      jsonschema.validate(reply(expected_calls=[CALLS[0], bad]), schema)
+  with pytest.raises(ValueError, match="sampled tools"):
+    tl.task_schema(NAMES, 2)
+
+
+def test_expected_calls_validation():
+  schema = tl.task_schema(NAMES, 2, tools=TOOLS)
+  problems = lambda **over: tl.task_problems(reply(**over), schema, NAMES, TOOLS)
+  assert problems() == []
+  assert problems(expected_calls=[CALLS[0], {"name": "cancel_order", "arguments": {}}]) == [
+      "expected_calls[1] calls 'cancel_order', not a sampled tool"]
+  wrong = [{"name": "add_to_cart", "arguments": {"product_id": "K-220", "quantity": 20}}, CALLS[1]]
+  assert problems(expected_calls=wrong) == [
+      "expected_calls[0] add_to_cart: arguments 20 is greater than the maximum of 10"]
+  unsaid = [{"name": "add_to_cart", "arguments": {"product_id": "K-999", "quantity": 3}}, CALLS[1]]
+  assert problems(expected_calls=unsaid) == [
+      "expected_calls[0] add_to_cart: values nobody gives ['K-999', 3]"]
+  # Tolerant: case and punctuation ("pm-7" for "PM-7."), numbers as text, 2.0 as "2"; the
+  # enum value "express" is the tool's choice, not something the user has to say.
+  two = [{"name": "add_to_cart", "arguments": {"product_id": "k 220", "quantity": 2.0}}, CALLS[1]]
+  assert problems(expected_calls=two, user_intent="Buy two kettles, K-220, times 2.") == []
+  # Facts only in the initial state are not something the user gives.
+  assert problems(hidden_facts=["The product id is K-220."],
+                  initial_state=["Card PM-7 is saved."])[0].startswith("expected_calls[1]")
+  # Without the tools only the schema speaks.
+  assert tl.task_problems(reply(expected_calls=wrong), schema, NAMES)[0].startswith("schema: ")
+
+
+def test_make_task_carries_expected_calls():
+  task = tl.make_task(reply(), category="Shop", tools=TOOLS, knobs=dataclasses.asdict(Knobs()),
+                      seed=1)
+  assert task.expected_calls == CALLS and task.expected_tool_calls == ["add_to_cart", "checkout_cart"]
+  both = tl.make_task({**reply(), "expected_tool_calls": ["view_cart"]}, category="Shop",
+                      tools=TOOLS, knobs=dataclasses.asdict(Knobs()), seed=1)
+  assert both.expected_tool_calls == ["view_cart"] and both.expected_calls == CALLS
+  ref = tl.make_task(ref_reply(), category="Shop", tools=TOOLS, knobs=dataclasses.asdict(Knobs()),
+                     seed=1)
+  assert ref.expected_calls == [] and ref.expected_tool_calls == ["add_to_cart", "checkout_cart"]
+  old = {k: v for k, v in ref.to_dict().items() if k != "expected_calls"}
+  assert tl.Task.from_dict(old) == ref  # tasks saved before expected_calls still load
 
 
 def test_string_limits_fit_the_token_budget():
-  big = tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=None))["properties"]
+  big = tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=None), TOOLS)["properties"]
   small_cfg = tl.TaskGenConfig(max_tokens=300, chars_per_token=3.0)
-  small = tl.task_schema(NAMES, 2, small_cfg)["properties"]
+  small = tl.task_schema(NAMES, 2, small_cfg, TOOLS)["properties"]
   assert big["user_intent"]["maxLength"] == 600
   total = (small["user_intent"]["maxLength"] + small["user_persona"]["maxLength"]
            + small["first_user_query"]["maxLength"]
@@ -76,7 +155,7 @@ def test_string_limits_fit_the_token_budget():
   assert total <= 300 * 3.0
   assert small["user_intent"]["maxLength"] < 600
   with pytest.raises(ValueError, match="no room"):
-    tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=20))
+    tl.task_schema(NAMES, 2, tl.TaskGenConfig(max_tokens=20), TOOLS)
 
 
 def test_generate_builds_a_task_from_one_valid_reply():
@@ -84,7 +163,8 @@ def test_generate_builds_a_task_from_one_valid_reply():
   gen = tl.TaskGenerator(client, {"temperature": 0.7, "max_tokens": 900})
   task = asyncio.run(gen.generate(Knobs(), TOOLS, "Online Shopping", seed=11))
   assert task.expected_tool_calls == ["add_to_cart", "checkout_cart"]
-  assert task.hidden_facts == ["The product id is K-220."]
+  assert task.expected_calls == CALLS
+  assert task.hidden_facts == ["The product id is K-220.", "Their saved card is PM-7."]
   assert task.knobs["persona_level"] == 2 and task.tool_names == NAMES
   assert task.system_prompt.startswith("You are a helpful assistant that can call tools")
   (req,) = client.requests
@@ -93,7 +173,8 @@ def test_generate_builds_a_task_from_one_valid_reply():
   assert "knows nothing about the domain" in req.prompt  # persona level 2
   assert "leaves out a detail" in req.prompt  # ambiguity level 1
   assert all(n in req.prompt for n in NAMES)
-  assert req.schema["properties"]["expected_tool_calls"]["items"]["enum"] == sorted(NAMES)
+  assert "expected_calls: the tool calls" in req.prompt and "expected_tool_calls" not in req.prompt
+  assert req.schema == tl.task_schema(NAMES, 2, gen.cfg, TOOLS)
 
 
 def test_invalid_tasks_are_regenerated_with_new_seeds():
@@ -108,7 +189,7 @@ def test_invalid_tasks_are_regenerated_with_new_seeds():
   seeds = [r.kwargs["seed"] for r in client.requests]
   assert seeds[0] == 5 and len(set(seeds)) == 4
   problems = tl.task_problems(reply(query="Order XXX for {name} on <date>"),
-                              tl.task_schema(NAMES, 2), NAMES)
+                              tl.task_schema(NAMES, 2, tools=TOOLS), NAMES, TOOLS)
   assert problems == ["placeholders instead of values: ['<date>', 'XXX', '{name}']"]
 
 
@@ -124,12 +205,15 @@ def test_generation_gives_up_loudly_after_max_attempts():
 
 
 def test_switches_off_give_the_reference_task():
-  ref = reply()
+  ref = ref_reply()
   del ref["hidden_facts"], ref["initial_state"]
   client = ScriptedClient([ref])
-  cfg = ml_collections.ConfigDict({"hidden_facts": False, "initial_state": False})
+  cfg = ml_collections.ConfigDict({"hidden_facts": False, "initial_state": False,
+                                   "expected_arguments": False})
   task = asyncio.run(tl.TaskGenerator(client, cfg).generate(Knobs(), TOOLS, "Shop", seed=1))
-  assert task.hidden_facts == [] and task.initial_state == []
+  assert task.hidden_facts == [] and task.initial_state == [] and task.expected_calls == []
+  assert "expected_tool_calls: the names" in client.requests[0].prompt
+  assert "expected_calls" not in client.requests[0].prompt
   assert "hidden_facts" not in client.requests[0].prompt
   assert "initial_state" not in client.requests[0].prompt
 

@@ -32,7 +32,7 @@ KNOBS = dict(num_tools=3, num_expected_calls=1, persona_level=1, ambiguity_level
              expected_turns=1, system_prompt_level=3, num_criteria=2, max_user_turns=3,
              max_assistant_turns=4, max_tool_turns=3)
 TASK_CFG = tasks_lib.TaskGenConfig(max_tokens=200, max_facts=2, max_state_entries=2,
-                                   max_attempts=3)
+                                   max_attempts=3, expected_arguments=False)
 USER_CFG = user_lib.UserConfig(max_tokens=80, max_thought_chars=100, max_response_chars=120)
 TOOL_CFG = tools_lib.ToolSimConfig(max_tokens=80, max_notes_chars=60, max_result_chars=120)
 JUDGE_CFG = judge_lib.JudgeConfig(max_tokens=96, max_reason_chars=100, max_criteria=2)

@@ -30,12 +30,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.world.tool_pool = ""  # "" = the shipped pool; or a path (TRUSTEE's toolbench_tools.json)
   c.world.lenient_pool = False
   c.world.task = ml_collections.ConfigDict(dict(hidden_facts=True, initial_state=True,
-                                                max_attempts=3, max_tokens=1024, temperature=1.0))
+                                                expected_arguments=True, max_attempts=3,
+                                                max_tokens=1024, temperature=1.0))
   c.world.user = ml_collections.ConfigDict(dict(max_tokens=384))
   c.world.tools = ml_collections.ConfigDict(dict(schema_check=True, use_ledger=True,
                                                  max_result_chars=512, max_parallel_calls=3,
                                                  max_tokens=512))
-  c.world.judge = ml_collections.ConfigDict(dict(num_votes=1, max_criteria=5, max_tokens=512))
+  c.world.judge = ml_collections.ConfigDict(dict(num_votes=1, max_criteria=5, max_tokens=512,
+                                                 mode="lm"))  # lm | rule | blend | questions
 
   c.curriculum = ml_collections.ConfigDict(dict(mode="level"))
   c.grpo = ml_collections.ConfigDict(dict(
@@ -48,13 +50,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,
       length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 24576),
-      recompute_old_logprobs=False, logprob_chunk=8192))
+      recompute_old_logprobs=False, logprob_chunk=8192,
+      control=""))  # negative controls of the learning benchmark: negate_advantages | permute_rewards
   c.train.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-6, schedule="constant", warmup_steps=0, total_updates=800,
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
-  # Fixed simulated tasks, run every `every` steps (0: off) with validation sampling settings.
+  # Fixed simulated tasks, run every `every` steps (0: off) with validation sampling settings;
+  # level 0 draws them at the curriculum's starting level, another value at that fixed level.
   c.validation = ml_collections.ConfigDict(dict(every=10, num_tasks=16, samples=4,
-                                                temperature=0.6, top_p=0.95, top_k=20))
+                                                temperature=0.6, top_p=0.95, top_k=20, level=0))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3))
   c.log = ml_collections.ConfigDict(dict(episodes_every=1, episodes_per_log=8))
   return c

@@ -66,6 +66,7 @@ class Episode:
   reward: float = 0.0
   judge_score: int = 0
   judge_reason: str = ""
+  judge_check: dict[str, float] | None = None  # the rule check's parts, where the task has one
   messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   num_turns: int = 0
   num_tool_calls: int = 0
@@ -219,6 +220,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
   ep.logprobs = np.asarray(seq.logprobs, np.float32)
   ep.turn_rewards = np.asarray(seq.turn_rewards, np.float32)
   ep.judge_score, ep.judge_reason = int(judgement.score), judgement.reason
+  ep.judge_check = judgement.check
   ep.reward = float(judgement.score) - cfg.invalid_call_penalty * ep.num_invalid_calls
   ep.messages, ep.num_turns = messages, assistant_turns
   return ep

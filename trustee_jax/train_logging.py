@@ -46,6 +46,9 @@ class RunLogger:
            "episodes/near_miss_tool_calls": _mean([e.num_near_misses for e in eps]),
            "episodes/dropped_groups": float(result.dropped_groups),
            "episodes/dropped": float(sum(result.dropped_episodes.values()))}
+    checks = [e.judge_check for e in eps if e.judge_check]
+    for key in sorted({k for c in checks for k in c}):
+      out[f"judge_check/{key}"] = _mean([c[key] for c in checks if key in c])
     for cause, n in result.dropped_episodes.items():
       out[f"episodes/dropped_{cause}"] = float(n)
     for term in ("user_ended", "budget_turns", "budget_tokens"):
@@ -69,6 +72,7 @@ class RunLogger:
       rec = {"step": step, "difficulty_level": level, "task": dataclasses.asdict(task),
              "episode": e.episode_index, "messages": e.messages, "reward": e.reward,
              "judge_score": e.judge_score, "judge_reason": e.judge_reason,
+             "judge_check": e.judge_check,
              "termination": e.termination, "tool_calls": e.num_tool_calls,
              "invalid_tool_calls": e.num_invalid_calls,
              "untagged_tool_calls": e.num_untagged_calls, "near_misses": e.num_near_misses,

@@ -2,7 +2,10 @@
 
 A task holds the ground truth that the user simulator, the tool simulator and the judge share;
 the policy only sees the system prompt, the tools and the first user query. Hidden facts and an
-initial world state are this project's extensions (switches; off = the reference).
+initial world state are this project's extensions (switches; off = the reference), and so are
+expected calls with arguments (`expected_arguments`), which the rule check (`rule_check.py`) can
+verify: the schema then asks for `expected_calls` instead of bare names, each item's arguments
+constrained to its tool's parameter schema, and `expected_tool_calls` holds their names.
 """
 import asyncio
 import dataclasses
@@ -46,6 +49,7 @@ class Task:
   knobs: dict[str, int]
   system_prompt: str
   oracle: dict[str, Any] = dataclasses.field(default_factory=dict)  # rule-based doubles only
+  expected_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # name, arguments
 
   @property
   def tool_names(self) -> list[str]:
@@ -73,6 +77,8 @@ class TaskGenConfig:
   max_attempts: int = 3
   batch_rounds: int = 3
   calls_slack: int = 0  # expected_tool_calls may have num_expected_calls +- slack items
+  expected_arguments: bool = True  # expected_calls with arguments (off = the reference's names)
+  chars_per_call: int = 80  # token budget reserved per expected call's arguments
   max_tokens: int | None = 1024
   chars_per_token: float = 3.0
   max_intent_chars: int = 600
@@ -133,7 +139,8 @@ def _scaled_limits(num_calls_max: int, names: Sequence[str], cfg: TaskGenConfig)
             "state": cfg.max_state_entries if cfg.initial_state else 0}
   if cfg.max_tokens is None:
     return limits
-  fixed = 120 + num_calls_max * (max(map(len, names), default=8) + 4)  # keys, punctuation, calls
+  per_call = max(map(len, names), default=8) + 4 + cfg.chars_per_call * cfg.expected_arguments
+  fixed = 120 + num_calls_max * per_call  # keys, punctuation, calls
   budget = cfg.max_tokens * cfg.chars_per_token - fixed
   wanted = sum(limits[k] * counts[k] for k in limits)
   if budget < 100:
@@ -142,12 +149,31 @@ def _scaled_limits(num_calls_max: int, names: Sequence[str], cfg: TaskGenConfig)
   return {k: max(20, int(v * scale)) for k, v in limits.items()}
 
 
+def _arguments_schema(fn: Mapping[str, Any]) -> dict[str, Any]:
+  """A tool's parameter schema with no arguments beyond its properties (as `check_call` wants)."""
+  params = dict(fn.get("parameters") or {"type": "object"})
+  return {**params, "additionalProperties": False} if "properties" in params else params
+
+
+def _call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """One expected call: a sampled tool's name (a const) with arguments fitting that tool."""
+  fns = {tools_pool.tool_name(t): tools_pool.function_of(t) for t in tools}
+  return {"anyOf": [{"type": "object",
+                     "properties": {"name": {"const": n}, "arguments": _arguments_schema(fns[n])},
+                     "required": ["name", "arguments"], "additionalProperties": False}
+                    for n in sorted(fns)]}
+
+
 def task_schema(tool_names: Sequence[str], num_expected_calls: int,
-                cfg: TaskGenConfig = TaskGenConfig()) -> dict[str, Any]:
+                cfg: TaskGenConfig = TaskGenConfig(),
+                tools: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
   """The JSON schema of one task, built per task: expected calls are an enum of the sampled
-  names with a bounded count; string lengths fit the token budget; goal before decisions."""
+  names (with `expected_arguments`: calls of the sampled `tools`) with a bounded count; string
+  lengths fit the token budget; goal before decisions."""
   if not tool_names:
     raise ValueError("a task needs at least one tool")
+  if cfg.expected_arguments and sorted(map(tools_pool.tool_name, tools)) != sorted(set(tool_names)):
+    raise ValueError("expected_arguments needs the sampled tools themselves")
   lo = max(1, num_expected_calls - cfg.calls_slack)
   hi = max(lo, num_expected_calls + cfg.calls_slack)
   lim = _scaled_limits(hi, tool_names, cfg)
@@ -159,8 +185,12 @@ def task_schema(tool_names: Sequence[str], num_expected_calls: int,
   if cfg.initial_state:
     props["initial_state"] = {"type": "array", "items": text(lim["state"]), "minItems": 1,
                               "maxItems": cfg.max_state_entries}
-  props["expected_tool_calls"] = {"type": "array", "minItems": lo, "maxItems": hi,
-                                  "items": {"type": "string", "enum": sorted(set(tool_names))}}
+  if cfg.expected_arguments:
+    props["expected_calls"] = {"type": "array", "minItems": lo, "maxItems": hi,
+                               "items": _call_schema(tools)}
+  else:
+    props["expected_tool_calls"] = {"type": "array", "minItems": lo, "maxItems": hi,
+                                    "items": {"type": "string", "enum": sorted(set(tool_names))}}
   props["first_user_query"] = text(lim["query"])
   return {"type": "object", "properties": props, "required": list(props),
           "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
@@ -175,11 +205,60 @@ def mentions_tool(text: str, name: str) -> bool:
   return re.search(pattern, text.lower()) is not None
 
 
-def task_problems(raw: Any, schema: dict[str, Any], tool_names: Sequence[str]) -> list[str]:
-  """Why a generated task is unusable (empty when it is fine): schema, then content checks."""
-  errors = [e.message[:200] for e in jsonschema.Draft202012Validator(schema).iter_errors(raw)]
-  if errors:
-    return [f"schema: {m}" for m in errors]
+def _leaf_values(value: Any, schema: Any) -> list[Any]:
+  """The string and number leaves of an argument value that its schema does not fix (no enum
+  or const): values the user has to give."""
+  schema = schema if isinstance(schema, Mapping) else {}
+  if "enum" in schema or "const" in schema or isinstance(value, bool) or value is None:
+    return []
+  if isinstance(value, Mapping):
+    props = schema.get("properties") or {}
+    return [x for k, v in value.items() for x in _leaf_values(v, props.get(k))]
+  if isinstance(value, list):
+    return [x for v in value for x in _leaf_values(v, schema.get("items"))]
+  return [value]
+
+
+def call_problems(calls: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]],
+                  texts: Sequence[str]) -> list[str]:
+  """Why expected calls cannot be expected: a tool not sampled, arguments its parameter schema
+  rejects, or a value (string or number, compared as lower-case words) that `texts` never give."""
+  fns = {tools_pool.tool_name(t): tools_pool.function_of(t) for t in tools}
+  said = f" {'  '.join(normalise_query(t) for t in texts)} "  # no value spans two texts
+  problems = []
+  for i, call in enumerate(calls):
+    name, args = call.get("name"), call.get("arguments")
+    if name not in fns:
+      problems.append(f"expected_calls[{i}] calls {name!r}, not a sampled tool")
+      continue
+    schema = _arguments_schema(fns[name])
+    errors = [e.message[:160] for e in jsonschema.Draft202012Validator(schema).iter_errors(args)]
+    if errors:
+      problems.append(f"expected_calls[{i}] {name}: arguments {'; '.join(errors[:2])}")
+      continue
+    leaves = [int(v) if isinstance(v, float) and v.is_integer() else v
+              for v in _leaf_values(args, schema)]
+    unsaid = [v for v in leaves if f" {normalise_query(str(v))} " not in said]
+    if unsaid:
+      problems.append(f"expected_calls[{i}] {name}: values nobody gives {unsaid[:3]}")
+  return problems
+
+
+def task_problems(raw: Any, schema: dict[str, Any], tool_names: Sequence[str],
+                  tools: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+  """Why a generated task is unusable (empty when it is fine): schema, then content checks;
+  `expected_calls` are checked against `tools` (with precise messages, by `call_problems`)."""
+  errors = list(jsonschema.Draft202012Validator(schema).iter_errors(raw))
+  calls = raw.get("expected_calls") if isinstance(raw, Mapping) else None
+  found = []
+  if tools and isinstance(calls, list) and all(isinstance(c, Mapping) for c in calls):
+    texts = [str(raw.get("user_intent", "")), str(raw.get("first_user_query", "")),
+             *map(str, raw.get("hidden_facts") or [])]
+    found = call_problems(calls, tools, texts)
+  in_call = lambda e: list(e.absolute_path)[:1] == ["expected_calls"] and len(e.absolute_path) > 1
+  messages = [f"schema: {e.message[:200]}" for e in errors if not (found and in_call(e))]
+  if messages or found:
+    return messages + found
   problems = []
   for key in ("user_intent", "user_persona", "first_user_query"):
     if not raw[key].strip():
@@ -238,15 +317,19 @@ def sample_requests(pool: tools_pool.Pool, knobs_list: Sequence[Any], rng: np.ra
 
 def make_task(raw: Mapping[str, Any], *, category: str, tools: list[dict[str, Any]],
               knobs: dict[str, int], seed: int, oracle: dict[str, Any] | None = None) -> Task:
-  """A Task from validated generator output; the id is stable in the seed and the content."""
+  """A Task from validated generator output (with `expected_tool_calls`, `expected_calls` or
+  both; names come from the calls when absent); the id is stable in the seed and the content."""
   digest = hashlib.sha1(json.dumps([category, raw], sort_keys=True).encode()).hexdigest()[:10]
+  calls = [{"name": c["name"], "arguments": dict(c["arguments"])}
+           for c in raw.get("expected_calls", [])]
+  names = raw["expected_tool_calls"] if "expected_tool_calls" in raw else [c["name"] for c in calls]
   return Task(
       task_id=f"t{seed}-{digest}", category=category, tools=tools,
-      expected_tool_calls=list(raw["expected_tool_calls"]), user_intent=raw["user_intent"].strip(),
+      expected_tool_calls=list(names), user_intent=raw["user_intent"].strip(),
       user_persona=raw["user_persona"].strip(), first_user_query=raw["first_user_query"].strip(),
       hidden_facts=list(raw.get("hidden_facts", [])), initial_state=list(raw.get("initial_state", [])),
       knobs=dict(knobs), system_prompt=system_prompts.system_prompt(knobs["system_prompt_level"], tools),
-      oracle=dict(oracle or {}))
+      oracle=dict(oracle or {}), expected_calls=calls)
 
 
 async def generate_batch(generator: Any, requests: Sequence[TaskRequest], *, rounds: int = 3,
@@ -301,7 +384,8 @@ class TaskGenerator:
         min_calls=max(1, n - cfg.calls_slack), max_calls=max(1, n + cfg.calls_slack),
         persona_level=clamp(knobs["persona_level"]), ambiguity_level=clamp(knobs["ambiguity_level"]),
         turns_level=clamp(knobs["expected_turns"]), hidden_facts=cfg.hidden_facts,
-        initial_state=cfg.initial_state, max_facts=cfg.max_facts, max_state=cfg.max_state_entries)
+        initial_state=cfg.initial_state, max_facts=cfg.max_facts, max_state=cfg.max_state_entries,
+        expected_arguments=cfg.expected_arguments)
 
   async def generate(self, knobs: Any, tools: list[dict[str, Any]], category: str,
                      seed: int) -> Task:
@@ -309,14 +393,14 @@ class TaskGenerator:
     TaskGenerationError listing every attempt's problems."""
     kn = knobs_dict(knobs)
     names = [tools_pool.tool_name(t) for t in tools]
-    schema = task_schema(names, kn["num_expected_calls"], self.cfg)
+    schema = task_schema(names, kn["num_expected_calls"], self.cfg, tools)
     messages = [{"role": "user", "content": self.prompt(kn, tools, category)}]
     failures = []
     for attempt in range(self.cfg.max_attempts):
       s = derive_seed(seed, attempt)
       raw = await self.client.chat_json(messages, schema, role="task", seed=s,
                                         **sampling_kwargs(self.cfg))
-      problems = task_problems(raw, schema, names)
+      problems = task_problems(raw, schema, names, tools)
       if not problems:
         return make_task(raw, category=category, tools=tools, knobs=kn, seed=seed)
       failures.append(f"attempt {attempt + 1} (seed {s}): {'; '.join(problems)}")
