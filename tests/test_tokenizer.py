@@ -1,6 +1,7 @@
 """Tests for trustee_jax.models.tokenizer: the packaged tokenizers, conventions, export and errors."""
 import json
 import pathlib
+import unicodedata
 
 import gguf
 import pytest
@@ -26,6 +27,27 @@ def qwen3() -> Tokenizer:
 @pytest.fixture(scope="session")
 def smollm2() -> Tokenizer:
   return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def qwen25() -> Tokenizer:
+  if "qwen2.5-coder-0.5b" not in packaged.installed_packaged_models():
+    pytest.skip("the Qwen2.5-Coder-0.5B part packages are not installed (bash install.sh installs them)")
+  return load_tokenizer("qwen2.5-coder-0.5b")
+
+
+# Code, JSON, unicode (NFC and decomposed), digits, whitespace runs and chat markup.
+QWEN_CORPUS = TEXTS + [
+    "e\u0301 cafe\u0301 (decomposed) vs café",
+    "I'm we'll they've it's DON'T",
+    "3.14159265358979 1,000,000 0x1F 1e-9 2024-05-01T12:00:00Z",
+    "          \n\n\n   \t \u00a0 \u3000 x\r\r\n",
+    "Привет мир! Ελληνικά. العربية. हिन्दी. 日本語のテキスト。한국어 \U0001F468\u200d\U0001F469",
+    "SELECT * FROM users WHERE id = 42;\n-- comment\nfn main() { println!(\"{}\", 1_000u64); }",
+    "https://example.com/path?q=1&r=two#frag " + "a" * 300 + " !!!???...---___===+++",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    '<tool_call>\n{"name": "f", "arguments": {"x": [1, 2.5, null]}}\n</tool_call><|im_end|><|endoftext|>',
+]
 
 
 def test_qwen3_matches_tokenizer_json(qwen3):
@@ -74,6 +96,66 @@ def test_smollm2_matches_transformers_gguf_conversion(smollm2):
       reference.bos_token, reference.eos_token, reference.pad_token, reference.unk_token)
 
 
+def test_qwen25_gguf_uses_qwen2_pre_tokenizer(qwen25):
+  meta = read_gguf_tokenizer_metadata(packaged.qwen25_coder_gguf_path("0.5b"))
+  assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
+  ours = json.loads(qwen25.hf.backend_tokenizer.to_str())
+  reference = json.loads((packaged.qwen3_tokenizer_dir() / "tokenizer.json").read_text())
+  for key in ("normalizer", "pre_tokenizer"):
+    assert ours[key] == reference[key], key
+  assert ours["decoder"]["type"] == reference["decoder"]["type"] == "ByteLevel"
+
+
+def test_qwen25_conventions(qwen25):
+  assert qwen25.vocab_size == 151936  # the model's embedding size: 151665 tokens + 271 [PADn] placeholders
+  assert qwen25.eos_token_ids == (151645, 151643)  # <|im_end|> (the GGUF's EOS), <|endoftext|>
+  assert qwen25.pad_token_id == 151643 and qwen25.bos_token_id == 151643  # never added by encode
+  assert qwen25.encode("hi") == [6023]
+  for text, i in (("<|endoftext|>", 151643), ("<|im_start|>", 151644), ("<|im_end|>", 151645),
+                  ("<tool_call>", 151657), ("</tool_call>", 151658)):
+    assert qwen25.token_id(text) == i
+  assert {151643, 151644, 151645} <= qwen25.special_token_ids
+  assert 151657 not in qwen25.special_token_ids  # <tool_call>: a plain added token, as in Qwen's tokenizer.json
+  assert qwen25.decode(qwen25.encode("<tool_call>x</tool_call><|im_end|>"), skip_special_tokens=True) == (
+      "<tool_call>x</tool_call>")
+  # Qwen2.5 has no <think> or <tool_response> tokens: they are ordinary text.
+  assert len(qwen25.encode("<think>")) > 1 and len(qwen25.encode("<tool_response>")) > 1
+  template = qwen25.chat_template
+  assert "<tool_call>" in template and "<tool_response>" in template and "enable_thinking" not in template
+  ll = qwen25.llguidance_tokenizer()
+  assert ll.vocab_size == 151936 and ll.eos_tokens == [151645, 151643]
+
+
+def test_qwen25_matches_qwen3_on_the_shared_vocabulary(qwen25, qwen3):
+  reference = tokenizers.Tokenizer.from_file(str(packaged.qwen3_tokenizer_dir() / "tokenizer.json"))
+  for text in QWEN_CORPUS:
+    ids = qwen25.encode(text)
+    assert ids == qwen3.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
+    assert max(ids) < 151665  # ids both vocabularies share
+  ours = qwen25.hf.backend_tokenizer.get_vocab(with_added_tokens=True)
+  theirs = qwen3.hf.backend_tokenizer.get_vocab(with_added_tokens=True)
+  assert {t: i for t, i in theirs.items() if i < 151665} == {t: i for t, i in ours.items() if i < 151665}
+  assert sorted(t for t, i in theirs.items() if i >= 151665) == [
+      "</think>", "</tool_response>", "<think>", "<tool_response>"]
+
+
+def test_qwen25_matches_transformers_gguf_conversion(qwen25):
+  pytest.importorskip("torch")  # transformers' GGUF reader imports torch
+  import transformers  # pylint: disable=import-outside-toplevel
+  path = packaged.qwen25_coder_gguf_path("0.5b")
+  reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  for text in QWEN_CORPUS:
+    # transformers' GGUF route leaves out Qwen's NFC normaliser; on NFC text the two agree.
+    nfc = unicodedata.normalize("NFC", text)
+    assert qwen25.encode(text) == qwen25.encode(nfc) == reference.encode(nfc, add_special_tokens=False)
+  assert len(reference) == qwen25.vocab_size
+  assert qwen25.chat_template == reference.chat_template
+  assert sorted(i for i, t in reference.added_tokens_decoder.items() if t.special) == sorted(
+      qwen25.special_token_ids)
+  assert (qwen25.hf.bos_token, qwen25.hf.eos_token, qwen25.hf.pad_token) == (
+      reference.bos_token, reference.eos_token, reference.pad_token)
+
+
 def test_gguf_metadata_reader_matches_gguf_package():
   reader = gguf.GGUFReader(str(packaged.smollm2_gguf_path()))
   expected = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
@@ -91,7 +173,7 @@ def test_truncated_gguf_is_named(tmp_path):
     load_tokenizer(not_gguf)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("name", ["qwen3", "smollm2", "qwen25"])
 def test_encode_decode(name, request):
   tok = request.getfixturevalue(name)
   for text in TEXTS:
@@ -102,7 +184,7 @@ def test_encode_decode(name, request):
   assert tok.token_id("<|im_end|>") in tok.special_token_ids
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("name", ["qwen3", "smollm2", "qwen25"])
 def test_token_bytes(name, request):
   tok = request.getfixturevalue(name)
   table = tok.token_bytes()
@@ -126,7 +208,7 @@ def test_llguidance_tokenizer(smollm2):
     smollm2.llguidance_tokenizer(n_vocab=100)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("name", ["qwen3", "smollm2", "qwen25"])
 def test_save_pretrained_round_trip(name, request, tmp_path):
   tok = request.getfixturevalue(name)
   tok.save_pretrained(tmp_path)

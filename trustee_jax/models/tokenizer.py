@@ -1,4 +1,4 @@
-"""Tokenizers for the policy and the simulator: SmolLM2 from its GGUF, Qwen3 or any Hugging Face directory.
+"""Tokenizers for the policy and the simulator: SmolLM2, Qwen2.5-Coder (GGUF), Qwen3, any HF directory.
 
 `load_tokenizer` returns a `Tokenizer`, a thin wrapper over a transformers fast tokenizer
 (`TokenizersBackend`, alias `PreTrainedTokenizerFast`) that fixes the conventions the rest of the
@@ -15,7 +15,7 @@ from typing import Any
 
 import tokenizers
 import transformers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
 from trustee_jax.models import packaged
 
@@ -27,6 +27,13 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 # The end-of-text token of ChatML-family vocabularies; it ends generation beside the end of turn.
 _END_OF_TEXT = "<|endoftext|>"
+# Qwen2's (and Qwen2.5's and Qwen3's) split regex, as in their tokenizer.json: like Llama 3's, but
+# every digit alone. llama.cpp calls this pre-tokenizer 'qwen2'.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_PRE = ("qwen2",)
+# Packaged models whose tokenizer is read from their GGUF (see packaged.MODELS).
+_PACKAGED_GGUF = ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,9 +134,11 @@ class Tokenizer:
 
 
 def load_tokenizer(source: str | pathlib.Path) -> Tokenizer:
-  """Load "smollm2" (from its GGUF), "qwen3" (packaged), a `.gguf` file, or a Hugging Face directory."""
+  """Load "smollm2", "qwen2.5-coder-0.5b"/"-1.5b" (packaged GGUFs), "qwen3", a `.gguf` file or an HF dir."""
   if source == "smollm2":
     return tokenizer_from_gguf(packaged.smollm2_gguf_path())
+  if source in _PACKAGED_GGUF:
+    return tokenizer_from_gguf(packaged.packaged_gguf_path(str(source)))
   if source == "qwen3":
     return tokenizer_from_hf_dir(packaged.qwen3_tokenizer_dir())
   path = pathlib.Path(source)
@@ -138,7 +147,8 @@ def load_tokenizer(source: str | pathlib.Path) -> Tokenizer:
   if path.is_dir():
     return tokenizer_from_hf_dir(path)
   raise FileNotFoundError(
-      f"tokenizer source {str(source)!r} is neither 'smollm2', 'qwen3', a .gguf file nor a directory")
+      f"tokenizer source {str(source)!r} is neither one of {', '.join(_PACKAGED_GGUF)}, 'qwen3', "
+      "a .gguf file nor a directory")
 
 
 def tokenizer_from_hf_dir(directory: str | pathlib.Path) -> Tokenizer:
@@ -178,7 +188,10 @@ def tokenizer_from_gguf(path: str | pathlib.Path) -> Tokenizer:
   backend = tokenizers.Tokenizer(models.BPE(
       vocab={t: i for i, t in enumerate(tokens)},
       merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
-  backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
+  pre = meta.get("tokenizer.ggml.pre")
+  backend.pre_tokenizer = _gguf_pre_tokenizer(pre, path)
+  if pre in _QWEN2_PRE:  # Qwen's tokenizer.json normalises to NFC (llama.cpp, transformers' GGUF route do not)
+    backend.normalizer = normalizers.NFC()
   backend.decoder = decoders.ByteLevel()
   backend.add_special_tokens([
       tokenizers.AddedToken(t, normalized=False, special=True)
@@ -267,9 +280,14 @@ def _read_gguf_kv(data: Any, prefix: str) -> dict[str, Any]:
 def _gguf_pre_tokenizer(pre: str | None, path: str | pathlib.Path) -> pre_tokenizers.PreTokenizer:
   """llama.cpp's pre-tokenizer for the GGUF `tokenizer.ggml.pre` names this module knows.
 
-  'smollm' (like 'starcoder') splits every digit, then applies GPT-2's regex; 'gpt2'/'default' is GPT-2's.
+  'smollm' (like 'starcoder') splits every digit, then applies GPT-2's regex; 'gpt2'/'default' is GPT-2's;
+  'qwen2' is Qwen's regex split (isolated) then byte-level without GPT-2's regex, as Qwen's tokenizer.json.
   """
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in _QWEN2_PRE:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
   if pre in ("smollm", "starcoder", "refact", "codeshell"):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre in (None, "default", "gpt2"):
