@@ -1,8 +1,9 @@
-"""The decoder against transformers' PyTorch Llama and Qwen3 (f32), and its KV cache.
+"""The decoder against transformers' PyTorch Llama, Qwen2 and Qwen3 (f32), and its KV cache.
 
 Tiny random HF models with large weights (initializer_range 0.2, random norm scales) are
 saved with save_pretrained and loaded with weights.load_hf; each parity check is shown able
-to fail by a mutated model (RoPE theta, KV head mapping, q/k norm) whose diff is large.
+to fail by a mutated model (RoPE theta, KV head mapping, q/k norm, q/k/v bias) whose diff is
+large.
 """
 import numpy as np
 import jax
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from trustee_jax.models import weights
 from trustee_jax.models.model_configs import get_model_config
@@ -34,12 +36,15 @@ def rel_diff(a, b) -> float:
 
 
 def _save_hf(model, path):
-  """Randomise the norm scales (HF inits them to ones, which would hide mix-ups)."""
+  """Randomise the norm scales and biases (HF inits them to ones and zeros, which would hide
+  mix-ups)."""
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
         p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+      elif name.endswith(".bias"):
+        p.copy_(0.5 * torch.randn(p.shape, generator=gen))
   model.save_pretrained(path)
   return model.eval()
 
@@ -61,6 +66,16 @@ def hf_llama(tmp_path_factory):
   torch.manual_seed(0)
   cfg = LlamaConfig(**_COMMON, rope_parameters=dict(_LLAMA3_ROPE), tie_word_embeddings=False)
   hf = _save_hf(LlamaForCausalLM(cfg), path)
+  return hf, weights.load_hf(path, param_dtype="float32")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def hf_qwen2(request, tmp_path_factory):
+  """(torch model, jax model) for a tiny random Qwen2 (q/k/v biases), tied and untied head."""
+  path = tmp_path_factory.mktemp("qwen2")
+  torch.manual_seed(0)
+  cfg = Qwen2Config(**_COMMON, rope_theta=1_000_000.0, tie_word_embeddings=request.param)
+  hf = _save_hf(Qwen2ForCausalLM(cfg), path)
   return hf, weights.load_hf(path, param_dtype="float32")
 
 
@@ -105,6 +120,17 @@ def test_config_from_transformers(hf_qwen3, hf_llama):
   assert qwen.rope_scaling is None and (qwen.num_heads, qwen.num_kv_heads) == (4, 2)
   assert not llama.qk_norm and not llama.tie_embeddings
   assert llama.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
+  assert qwen.architecture == "qwen3" and llama.architecture == "llama"
+  assert not qwen.qkv_bias and not llama.qkv_bias
+
+
+def test_qwen2_config_and_param_count(hf_qwen2):
+  hf, model = hf_qwen2
+  cfg = model.cfg
+  assert cfg.architecture == "qwen2" and cfg.qkv_bias and not cfg.qk_norm
+  assert cfg.tie_embeddings == hf.config.tie_word_embeddings and cfg.rope_theta == 1e6
+  assert model.bq[...].shape == (2, 4, 16) and model.bk[...].shape == (2, 2, 16)
+  assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
 
 
 def test_llama3_rope_frequencies_match_transformers(hf_llama):
@@ -127,6 +153,36 @@ def test_qwen3_parity_with_transformers(hf_qwen3):
   assert rel_diff(jax_logits(_mutated(model, qk_norm=False), tokens), ref) > 0.1
   assert rel_diff(jax_logits(_mutated(model, rope_theta=2e6), tokens), ref) > 0.1
   assert rel_diff(jax_logits(_swap_kv_heads(model), tokens), ref) > 0.1
+
+
+def test_qwen2_parity_with_transformers(hf_qwen2):
+  hf, model = hf_qwen2
+  tokens = _tokens()
+  ref = torch_logits(hf, tokens)
+  assert rel_diff(jax_logits(model, tokens), ref) <= TOL
+  assert rel_diff(jax_logits(_mutated(model, qkv_bias=False), tokens), ref) > 0.1
+  assert rel_diff(jax_logits(_mutated(model, rope_theta=1e4), tokens), ref) > 0.1
+  assert rel_diff(jax_logits(_swap_kv_heads(model), tokens), ref) > 0.1
+
+
+def test_qwen2_prefill_and_decode_match_transformers_scanned_and_unstacked(hf_qwen2):
+  """Prefill 8 tokens into the cache, then decode one at a time: transformers' logits, for
+  the scanned stack and for unstacked_layers' fused q/k/v (with the fused bias)."""
+  hf, model = hf_qwen2
+  tokens = _tokens(2, 14, seed=7)
+  ref = torch_logits(hf, tokens)
+  layers = jax.jit(lambda m: m.unstacked_layers())(model)
+  assert "bqkv" in layers[0] and layers[0]["bqkv"].shape == (4 + 2 * 2, 16)
+  assert "bq" not in layers[0]
+  for kw in ({}, {"layers": layers}):
+    cache = KVCache.zeros(model.cfg, batch=2, length=16)
+    pre, cache = model(jnp.asarray(tokens[:, :8]), jnp.broadcast_to(jnp.arange(8), (2, 8)),
+                       cache, **kw)
+    steps = [np.asarray(pre)]
+    for t in range(8, tokens.shape[1]):
+      out, cache = model(jnp.asarray(tokens[:, t:t + 1]), jnp.full((2, 1), t), cache, **kw)
+      steps.append(np.asarray(out))
+    assert rel_diff(np.concatenate(steps, axis=1), ref) <= TOL, kw.keys()
 
 
 def test_llama3_scaled_rope_parity_with_transformers(hf_llama):
@@ -181,9 +237,13 @@ def test_token_by_token_decode_equals_full_forward(tiny_llama):
   assert rel_diff(np.stack(steps, axis=1), full) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2"])
 def test_unstacked_fused_layers_decode_like_the_scanned_stack(name):
   model = create_model(get_model_config(name, vocab_size=VOCAB, initializer_range=0.2), seed=4)
+  for b in ("bq", "bk", "bv"):  # zeros at init: make them count
+    if hasattr(model, b):
+      p = getattr(model, b)
+      p[...] = jax.random.normal(jax.random.key(len(b) + ord(b[1])), p[...].shape)
   tokens = jnp.asarray(_tokens(2, 12, seed=6))
   layers = jax.jit(lambda m: m.unstacked_layers())(model)
   assert "wqkv" in layers[0] and len(layers) == model.cfg.num_layers

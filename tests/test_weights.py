@@ -1,5 +1,6 @@
-"""Weights in and out: SmolLM2 GGUF parity with transformers, HF export that transformers
-reloads to the same logits, exact round trips, and a clear error for each bad checkpoint."""
+"""Weights in and out: SmolLM2 and Qwen2.5-Coder GGUF parity with transformers, HF export that
+transformers reloads to the same logits, exact round trips, and a clear error for each bad
+checkpoint."""
 import json
 import pathlib
 
@@ -12,15 +13,19 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trustee_jax.models import packaged, weights
+from trustee_jax.models import gguf_weights, packaged, weights
 from trustee_jax.models.model_configs import get_model_config
-from trustee_jax.models.transformer import create_model
+from trustee_jax.models.transformer import KVCache, create_model
 from trustee_jax.models.weights import WeightsError
 
 TOL = 1e-4  # max |diff| / max |logit|
 VOCAB = 256
 _NORMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm")
-_PARAMS = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down") + _NORMS
+_BIASES = ("bq", "bk", "bv")
+_PARAMS = ("embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", *_NORMS,
+           *_BIASES)
+_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def rel_diff(a, b) -> float:
@@ -48,7 +53,7 @@ def params(model) -> dict[str, np.ndarray]:
 
 
 def random_model(name: str, seed: int = 0, **overrides):
-  """A tiny model with large weights and random norm scales (so mix-ups show)."""
+  """A tiny model with large weights, random norm scales and biases (so mix-ups show)."""
   cfg = get_model_config(name, vocab_size=VOCAB, initializer_range=0.2, **overrides)
   model = create_model(cfg, seed=seed)
   rng = np.random.default_rng(seed)
@@ -56,12 +61,26 @@ def random_model(name: str, seed: int = 0, **overrides):
     if hasattr(model, n):
       p = getattr(model, n)
       p[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(p[...].shape), jnp.float32)
+  for n in _BIASES:
+    if hasattr(model, n):
+      p = getattr(model, n)
+      p[...] = jnp.asarray(0.5 * rng.standard_normal(p[...].shape), jnp.float32)
   return model
 
 
 @pytest.fixture(scope="module")
 def qwen3():
   return random_model("tiny-qwen3", tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+  return random_model("tiny-qwen2", seed=2, tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def qwen2_tied():
+  return random_model("tiny-qwen2", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +115,18 @@ def test_config_from_hf_reads_both_rope_layouts():
   plain = weights.config_from_hf({**base, "rope_parameters": {"rope_type": "default",
                                                                "rope_theta": 1e4}})
   assert plain.rope_scaling is None
+
+
+def test_config_from_hf_qwen2_has_qkv_biases_whatever_attention_bias_says():
+  base = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 64,
+          "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21}
+  for extra in ({}, {"attention_bias": False}, {"attention_bias": True}):
+    cfg = weights.config_from_hf({**base, **extra})
+    assert cfg.qkv_bias and not cfg.qk_norm and cfg.architecture == "qwen2"
+  assert weights.config_from_hf({**base, "architectures": None, "model_type": "qwen2"}).qkv_bias
+  with pytest.raises(WeightsError, match="use_sliding_window=True"):
+    weights.config_from_hf({**base, "use_sliding_window": True})
 
 
 @pytest.mark.parametrize("change, message", [
@@ -178,11 +209,11 @@ def write_gguf(model, path: pathlib.Path, tmp: pathlib.Path, arch=None, edit=Non
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
   for name, x in tensors.items():
-    parts = name.removesuffix(".weight").split(".")
+    *parts, kind = name.split(".")  # kind: weight or bias
     if parts[:2] == ["model", "layers"]:
-      gname = f"blk.{parts[2]}.{_HF_TO_GGUF['.'.join(parts[3:])]}.weight"
+      gname = f"blk.{parts[2]}.{_HF_TO_GGUF['.'.join(parts[3:])]}.{kind}"
     else:
-      gname = _HF_TO_GGUF[".".join(parts)] + ".weight"
+      gname = f"{_HF_TO_GGUF['.'.join(parts)]}.{kind}"
     if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
       heads = cfg.num_heads if "attn_q" in gname else cfg.num_kv_heads
       x = _llamacpp_permute(x, heads)
@@ -195,12 +226,12 @@ def write_gguf(model, path: pathlib.Path, tmp: pathlib.Path, arch=None, edit=Non
   return path
 
 
-@pytest.mark.parametrize("fixture", ["llama", "qwen3"])
+@pytest.mark.parametrize("fixture", ["llama", "qwen2", "qwen3"])
 def test_gguf_round_trip_is_exact(fixture, request, tmp_path):
   model = request.getfixturevalue(fixture)
   loaded = weights.load_gguf(write_gguf(model, tmp_path / "m.gguf", tmp_path / "hf"))
   assert loaded.cfg.tie_embeddings == model.cfg.tie_embeddings
-  assert loaded.cfg.qk_norm == model.cfg.qk_norm
+  assert loaded.cfg.architecture == model.cfg.architecture
   got, want = params(loaded), params(model)
   assert got.keys() == want.keys()
   for n in want:
@@ -225,23 +256,113 @@ def test_gguf_unknown_architecture_and_int_tensor(qwen3, tmp_path):
     weights.load_gguf(path)
 
 
+@pytest.mark.parametrize("loader", ["gguf", "hf"])
+def test_loaders_honour_param_dtype(qwen2, loader, tmp_path):
+  if loader == "gguf":
+    load = lambda **kw: weights.load_gguf(  # noqa: E731
+        write_gguf(qwen2, tmp_path / "m.gguf", tmp_path / "hf"), **kw)
+  else:
+    load = lambda **kw: weights.load_hf(weights.save_hf(qwen2, tmp_path / "hf"), **kw)  # noqa: E731
+  loaded = load(param_dtype="bfloat16")
+  assert (loaded.cfg.param_dtype, loaded.cfg.dtype) == ("bfloat16", "bfloat16")
+  for n, w in params(qwen2).items():
+    got = getattr(loaded, n)[...]
+    assert got.dtype == jnp.bfloat16, n
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(w, jnp.bfloat16)), n)
+  mixed = load(param_dtype="float32", dtype="bfloat16")
+  assert mixed.bq[...].dtype == jnp.float32 and mixed.cfg.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------ Qwen2.5-Coder GGUF files
+
+
+def qwen25_coder_gguf(size: str = "0.5b") -> pathlib.Path:
+  """The packaged Qwen2.5-Coder-Instruct Q4_K_M file, or skip saying why it is not there."""
+  try:
+    return packaged.qwen25_coder_gguf_path(size)
+  except (AttributeError, FileNotFoundError) as e:  # not installed (requirements-models.txt)
+    pytest.skip(f"Qwen2.5-Coder-{size} GGUF unavailable: {e}")
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+def test_qwen25_coder_gguf_metadata_matches_named_shape(size):
+  path = qwen25_coder_gguf(size)
+  cfg, tensors = gguf_weights.open_gguf(path)
+  named = get_model_config(f"qwen2.5-coder-{size}")
+  assert cfg.architecture == "qwen2" and abs(cfg.rms_norm_eps - named.rms_norm_eps) < 1e-12
+  # Qwen's files store a separate (differently quantised) output head; HF ties it.
+  assert not cfg.tie_embeddings and "lm_head.weight" in tensors.shapes
+  assert cfg.replace(name=named.name, rms_norm_eps=named.rms_norm_eps,
+                     tie_embeddings=True) == named
+  assert tensors.shapes["model.layers.0.self_attn.k_proj.bias"] == (named.num_kv_heads
+                                                                     * named.head_dim,)
+
+
+def test_qwen25_gguf_dequantisation_equals_gguf_reference(monkeypatch):
+  """For each tensor type in the 0.5B file: our chunked dequantisation (chunks forced small,
+  so row blocks are stitched) equals gguf's whole-tensor one, bit for bit."""
+  path = qwen25_coder_gguf("0.5b")
+  reader = gguf.GGUFReader(path)
+  first = {}
+  for t in reader.tensors:
+    if t.name.startswith("blk.") and t.tensor_type.name not in first:
+      first[t.tensor_type.name] = t
+  assert set(first) == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+  monkeypatch.setattr(gguf_weights, "_CHUNK_ELEMENTS", 100_000)
+  for kind, t in first.items():
+    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape)))
+    got = gguf_weights.dequantize(t)
+    assert got.dtype == np.float32 and got.shape == tuple(int(s) for s in reversed(t.shape))
+    np.testing.assert_array_equal(got, want, err_msg=f"{t.name} ({kind})")
+    assert np.abs(got).max() > 0, t.name
+
+
+@pytest.mark.slow
+def test_qwen25_coder_05b_greedy_decode_matches_transformers_gguf(tmp_path):
+  """The real 0.5B file: the same prompt logits and the same 8 greedy tokens as transformers'
+  own GGUF loader, fed the same ids. Ours is run and freed before transformers loads."""
+  from trustee_jax.models.tokenizer import load_tokenizer
+  path = qwen25_coder_gguf("0.5b")
+  ids = load_tokenizer("qwen3").encode(
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+      "Write a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n")
+  model, n = weights.load_gguf(path), 8
+  assert model.cfg.qkv_bias and not model.cfg.tie_embeddings
+  step = nnx.jit(lambda m, tok, pos, cache: m(tok, pos, cache))
+  cache = KVCache.zeros(model.cfg, 1, len(ids) + n)
+  logits, cache = step(model, jnp.asarray([ids]), jnp.arange(len(ids))[None], cache)
+  prompt_logits = np.asarray(logits[0])
+  ours = [int(np.argmax(prompt_logits[-1]))]
+  for i in range(n - 1):
+    logits, cache = step(model, jnp.asarray([[ours[-1]]]), jnp.asarray([[len(ids) + i]]), cache)
+    ours.append(int(jnp.argmax(logits[0, -1])))
+  del model, cache, logits
+  (tmp_path / path.name).symlink_to(path)
+  hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                            dtype=torch.float32).eval()
+  assert rel_diff(prompt_logits, torch_logits(hf, np.asarray([ids]))[0]) <= TOL
+  with torch.no_grad():
+    theirs = hf.generate(torch.as_tensor([ids]), max_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+  assert ours == theirs[0, len(ids):].tolist()
+
+
 # ------------------------------------------------------------------ HF out and back
 
 
-@pytest.mark.parametrize("fixture", ["llama", "qwen3"])
+@pytest.mark.parametrize("fixture", ["llama", "qwen2", "qwen2_tied", "qwen3"])
 def test_export_reloads_in_transformers_with_same_logits(fixture, request, tmp_path):
   model = request.getfixturevalue(fixture)
   out = weights.save_hf(model, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
-  assert config["architectures"] == [{"llama": "LlamaForCausalLM",
-                                      "qwen3": "Qwen3ForCausalLM"}[fixture]]
+  assert config["architectures"] == [_ARCH_CLASS[model.cfg.architecture]]
   hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert hf.config.tie_word_embeddings == model.cfg.tie_embeddings
   tokens = _tokens(2, 24)  # longer than the llama's original_max_position_embeddings (16)
   assert rel_diff(jax_logits(model, tokens), torch_logits(hf, tokens)) <= TOL
 
 
-@pytest.mark.parametrize("fixture", ["llama", "qwen3"])
+@pytest.mark.parametrize("fixture", ["llama", "qwen2", "qwen3"])
 def test_export_then_load_hf_gives_identical_params(fixture, request, tmp_path):
   model = request.getfixturevalue(fixture)
   loaded = weights.load_hf(weights.save_hf(model, tmp_path / "hf"))

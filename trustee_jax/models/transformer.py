@@ -1,4 +1,4 @@
-"""One Flax NNX decoder for the Llama-3 family (SmolLM2, Llama-3.1) and Qwen3.
+"""One Flax NNX decoder for the Llama-3 family (SmolLM2, Llama-3.1), Qwen2/Qwen2.5 and Qwen3.
 
 Layers are stacked on a leading axis and run with `jax.lax.scan`, so a 30-layer model
 compiles one block per shape. The KV cache is position-indexed: the token at position p
@@ -30,7 +30,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a decoder; `qk_norm=True` makes it Qwen3."""
+  """Shape and numerics of a decoder; `qk_norm=True` makes it Qwen3, `qkv_bias=True` Qwen2."""
   name: str
   vocab_size: int
   hidden_size: int
@@ -44,6 +44,7 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   tie_embeddings: bool = False
   qk_norm: bool = False
+  qkv_bias: bool = False  # q/k/v projection biases (Qwen2), none on o
   max_position_embeddings: int = 8192
   initializer_range: float = 0.02
   param_dtype: str = "float32"
@@ -52,7 +53,7 @@ class ModelConfig:
 
   @property
   def architecture(self) -> str:
-    return "qwen3" if self.qk_norm else "llama"
+    return "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -62,6 +63,7 @@ class ModelConfig:
                        self.num_kv_heads, self.head_dim)
     per_layer = 2 * d + d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f
     per_layer += 2 * hd if self.qk_norm else 0
+    per_layer += hd * (h + 2 * kv) if self.qkv_bias else 0
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.num_layers * per_layer + emb + d
 
@@ -100,6 +102,9 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "wk": ("layers", "embed", "kv_heads", "head_dim"),
     "wv": ("layers", "embed", "kv_heads", "head_dim"),
     "wo": ("layers", "q_heads", "head_dim", "embed"),
+    "bq": ("layers", "q_heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
     "q_norm": ("layers", "norm"),
     "k_norm": ("layers", "norm"),
     "mlp_norm": ("layers", "norm"),
@@ -180,8 +185,10 @@ class Transformer(nnx.Module):
     L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def param(shape, ones=False):
-      return nnx.Param(jnp.ones(shape, pdt) if ones else init(rngs.params(), shape, pdt))
+    def param(shape, ones=False, zeros=False):
+      if ones or zeros:
+        return nnx.Param(jnp.ones(shape, pdt) if ones else jnp.zeros(shape, pdt))
+      return nnx.Param(init(rngs.params(), shape, pdt))
 
     self.embed = param((cfg.vocab_size, d))
     self.attn_norm = param((L, d), ones=True)
@@ -189,6 +196,10 @@ class Transformer(nnx.Module):
     self.wk = param((L, d, kv, hd))
     self.wv = param((L, d, kv, hd))
     self.wo = param((L, h, hd, d))
+    if cfg.qkv_bias:
+      self.bq = param((L, h, hd), zeros=True)
+      self.bk = param((L, kv, hd), zeros=True)
+      self.bv = param((L, kv, hd), zeros=True)
     if cfg.qk_norm:
       self.q_norm = param((L, hd), ones=True)
       self.k_norm = param((L, hd), ones=True)
@@ -210,6 +221,8 @@ class Transformer(nnx.Module):
     names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
     if self.cfg.qk_norm:
       names += ["q_norm", "k_norm"]
+    if self.cfg.qkv_bias:
+      names += ["bq", "bk", "bv"]
     return {n: getattr(self, n)[...] for n in names}
 
   def unembed_matrix(self) -> Array:
@@ -223,7 +236,8 @@ class Transformer(nnx.Module):
 
   def unstacked_layers(self) -> tuple[dict[str, Array], ...]:
     """Each layer's parameters as its own arrays (call under jit to get separate buffers),
-    with q/k/v and gate/up concatenated: a decode step then runs 4 matmuls a layer, not 7.
+    with q/k/v (and their biases) and gate/up concatenated: a decode step then runs 4
+    matmuls a layer, not 7.
     Weights that are not plain arrays (LoRA's W + A @ B) are merged here, once."""
     pdt = jnp.dtype(self.cfg.param_dtype)
     stacked = self._layer_params()
@@ -231,8 +245,11 @@ class Transformer(nnx.Module):
     for i in range(self.cfg.num_layers):
       p = {n: w if isinstance(w, jax.Array) else w.astype(pdt) for n, w in
            jax.tree_util.tree_map(lambda a, i=i: a[i], stacked).items()}
-      out.append({"wqkv": jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1),
-                  "w_gate_up": jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1), **p})
+      fused = {"wqkv": jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1),
+               "w_gate_up": jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)}
+      if self.cfg.qkv_bias:
+        fused["bqkv"] = jnp.concatenate([p.pop("bq"), p.pop("bk"), p.pop("bv")], axis=0)
+      out.append({**fused, **p})
     return tuple(out)
 
   def hidden_states(self, tokens: Array, positions: Array, cache: KVCache | None = None, *,
@@ -269,11 +286,16 @@ class Transformer(nnx.Module):
       hn = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
       if "wqkv" in lp:  # unstacked_layers' fused projections
         qkv = jnp.einsum("btd,dhk->bthk", hn, lp["wqkv"].astype(cdt))
+        if cfg.qkv_bias:
+          qkv = qkv + lp["bqkv"].astype(cdt)
         q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
       else:
         q = jnp.einsum("btd,dhk->bthk", hn, lp["wq"].astype(cdt))
         k = jnp.einsum("btd,dhk->bthk", hn, lp["wk"].astype(cdt))
         v = jnp.einsum("btd,dhk->bthk", hn, lp["wv"].astype(cdt))
+        if cfg.qkv_bias:
+          q, k, v = (q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt),
+                     v + lp["bv"].astype(cdt))
       if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)

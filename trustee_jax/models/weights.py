@@ -1,4 +1,4 @@
-"""Weights in and out: HF safetensors (Llama / Qwen3) load and save, llama.cpp GGUF load.
+"""Weights in and out: HF safetensors (Llama, Qwen2, Qwen3) load and save; GGUF in (gguf_weights).
 
 Every loader maps its file onto HF names in HF layout ([out, in] linears), and one filler
 turns those into the stacked NNX parameters: layer by layer into one host buffer per
@@ -20,7 +20,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from trustee_jax import sharding as shd
-from trustee_jax.models import packaged
 from trustee_jax.models.transformer import PARAM_AXES, ModelConfig, RopeScaling, Transformer
 
 
@@ -28,7 +27,9 @@ class WeightsError(ValueError):
   """A checkpoint that cannot become this model: names the file and the tensor."""
 
 
-_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                  "Qwen3ForCausalLM": "qwen3"}
+_HF_CLASS = {kind: cls for cls, kind in _ARCHITECTURES.items()}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -42,9 +43,10 @@ MAX_SHARD_BYTES = 2_000_000_000
 
 def config_from_hf(config_json: dict, *, source: str = "config.json",
                    name: str = "hf") -> ModelConfig:
-  """ModelConfig of an HF LlamaForCausalLM / Qwen3ForCausalLM config.json dict."""
+  """ModelConfig of an HF Llama/Qwen2/Qwen3ForCausalLM config.json dict (Qwen2: q/k/v biases
+  always, as in transformers' Qwen2Attention; its `attention_bias` key is ignored)."""
   archs = config_json.get("architectures") or [config_json.get("model_type")]
-  kind = _ARCHITECTURES.get(archs[0]) or {"llama": "llama", "qwen3": "qwen3"}.get(archs[0])
+  kind = _ARCHITECTURES.get(archs[0]) or {k: k for k in _HF_CLASS}.get(archs[0])
   if kind is None:
     raise WeightsError(f"{source}: unsupported architecture {archs[0]!r}; "
                        f"supported: {sorted(_ARCHITECTURES)}")
@@ -56,7 +58,7 @@ def config_from_hf(config_json: dict, *, source: str = "config.json",
 
   for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                   ("use_sliding_window", False)):
-    if config_json.get(key, ok) != ok:
+    if config_json.get(key, ok) != ok and not (kind == "qwen2" and key == "attention_bias"):
       raise WeightsError(f"{source}: {key}={config_json[key]!r} is not supported (need {ok!r})")
   rope = dict(config_json.get("rope_parameters") or {})
   rope.update(config_json.get("rope_scaling") or {})
@@ -79,7 +81,7 @@ def config_from_hf(config_json: dict, *, source: str = "config.json",
       head_dim=config_json.get("head_dim") or hidden // heads, rope_theta=float(theta),
       rope_scaling=scaling, rms_norm_eps=float(config_json.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
-      qk_norm=kind == "qwen3",
+      qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2",
       max_position_embeddings=config_json.get("max_position_embeddings", 8192),
       initializer_range=config_json.get("initializer_range", 0.02),
       param_dtype=dtype, dtype=dtype)
@@ -93,7 +95,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_token_id=None, eos_token_id=N
       "high_freq_factor": s.high_freq_factor,
       "original_max_position_embeddings": s.original_max_position_embeddings}
   out = {
-      "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+      "architectures": [_HF_CLASS[cfg.architecture]],
       "model_type": cfg.architecture, "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -101,12 +103,12 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_token_id=None, eos_token_id=N
       "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
       "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
-      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.qkv_bias,
       "attention_dropout": 0.0, "initializer_range": cfg.initializer_range,
       "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
       "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
   }
-  if cfg.qk_norm:
+  if cfg.architecture in ("qwen2", "qwen3"):
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
                layer_types=["full_attention"] * cfg.num_layers)
   else:
@@ -152,6 +154,10 @@ def _specs(cfg: ModelConfig) -> dict[str, _Spec]:
   if cfg.qk_norm:
     specs["q_norm"] = _Spec(lay + "self_attn.q_norm.weight", (hd,), same, same)
     specs["k_norm"] = _Spec(lay + "self_attn.k_norm.weight", (hd,), same, same)
+  if cfg.qkv_bias:
+    for name, proj, n in (("bq", "q", h), ("bk", "k", kv), ("bv", "v", kv)):
+      specs[name] = _Spec(lay + f"self_attn.{proj}_proj.bias", (n * hd,),
+                          lambda b, n=n: b.reshape(n, hd), lambda x: x.reshape(-1))
   if not cfg.tie_embeddings:
     specs["lm_head"] = _Spec("lm_head.weight", (cfg.vocab_size, d), t, t)
   return specs
@@ -374,95 +380,10 @@ def _save_tokenizer(tokenizer, out: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------- GGUF in
 
 
-_GGUF_LAYER = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
-             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-_GGUF_INT_TYPES = {"I8", "I16", "I32", "I64"}
-
-
-def _gguf_to_hf_name(name: str) -> str:
-  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-  if m and m.group(2) in _GGUF_LAYER:
-    return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
-  return _GGUF_TOP.get(name, name)
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undo llama.cpp's q/k row permutation (transformers' _reverse_permute_weights)."""
-  half = w.shape[0] // n_head // 2
-  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-def _gguf_config(fields: dict, source: str, tied: bool) -> ModelConfig:
-  arch = fields.get("general.architecture")
-  if arch not in ("llama", "qwen3"):
-    raise WeightsError(f"{source}: unsupported GGUF architecture {arch!r} (llama, qwen3)")
-
-  def get(key, default=None):
-    value = fields.get(f"{arch}.{key}", default)
-    if value is None:
-      raise WeightsError(f"{source}: missing GGUF metadata {arch}.{key}")
-    return value
-
-  d, heads = int(get("embedding_length")), int(get("attention.head_count"))
-  vocab = fields.get(f"{arch}.vocab_size") or fields.get("tokenizer.vocab_size")
-  if not vocab:
-    raise WeightsError(f"{source}: no vocabulary size in the GGUF metadata")
-  return ModelConfig(
-      name=pathlib.Path(source).stem, vocab_size=int(vocab),
-      hidden_size=d, intermediate_size=int(get("feed_forward_length")),
-      num_layers=int(get("block_count")), num_heads=heads,
-      num_kv_heads=int(get("attention.head_count_kv", heads)),
-      head_dim=int(get("attention.key_length", d // heads)),
-      rope_theta=float(get("rope.freq_base", 10000.0)),
-      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")), tie_embeddings=tied,
-      qk_norm=arch == "qwen3", max_position_embeddings=int(get("context_length", 8192)))
-
-
-def _open_gguf(path: pathlib.Path) -> tuple[ModelConfig, _Tensors]:
-  """Config from GGUF metadata and its tensors, dequantised to f32 in HF layout."""
-  import gguf  # only needed here
-  try:
-    reader = gguf.GGUFReader(path)
-    fields = {k: f.contents() for k, f in reader.fields.items()
-              if not k.startswith("tokenizer.ggml.")}  # skip the big vocabulary arrays
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    fields["tokenizer.vocab_size"] = len(tokens.data) if tokens is not None else None
-  except Exception as e:  # the reader raises many types on a bad file
-    raise WeightsError(f"{path}: unreadable GGUF file (truncated or corrupt?): {e}") from e
-  by_name = {_gguf_to_hf_name(t.name): t for t in reader.tensors}
-  if "rope_freqs.weight" in by_name:
-    raise WeightsError(f"{path}: tensor 'rope_freqs.weight' (baked RoPE scaling) is not supported")
-  cfg = _gguf_config(fields, str(path), tied="lm_head.weight" not in by_name)
-  permute = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
-
-  def read(name: str) -> np.ndarray:
-    t = by_name[name]
-    if t.tensor_type.name in _GGUF_INT_TYPES:
-      raise WeightsError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, "
-                         "expected floats or a float quantisation")
-    try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-      w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-    except Exception as e:
-      raise WeightsError(f"{path}: cannot dequantise tensor {t.name!r}: {e}") from e
-    qk = re.fullmatch(r"model\.layers\.\d+\.(self_attn\.[qk]_proj)\.weight", name)
-    return _unpermute(w, permute[qk.group(1)]) if qk and cfg.architecture == "llama" else w
-
-  shapes = {n: tuple(int(s) for s in reversed(t.shape)) for n, t in by_name.items()}
-  return cfg, _Tensors(shapes, {n: str(path) for n in by_name}, read)
-
-
 def load_gguf(path=None, *, mesh=None, param_dtype: str = "float32", dtype: str | None = None,
               rules=shd.LOGICAL_RULES) -> Transformer:
-  """A Transformer from a llama.cpp GGUF file (default: the packaged SmolLM2-135M)."""
-  path = pathlib.Path(path) if path is not None else packaged.smollm2_gguf_path()
-  cfg, tensors = _open_gguf(path)
-  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
-  return _build(cfg, tensors, mesh, rules)
+  """A Transformer from a llama.cpp GGUF file (default: the packaged SmolLM2-135M);
+  see gguf_weights."""
+  from trustee_jax.models import gguf_weights  # it imports this module
+  return gguf_weights.load_gguf(path, mesh=mesh, param_dtype=param_dtype, dtype=dtype,
+                                rules=rules)
