@@ -1,14 +1,19 @@
 """Rule-based stand-ins for the simulated world, behind the same async interfaces, with no LM.
 
-A smart-home task family: the user asks for one or more settings with specific values ("set the
-thermostat to 21" -> set_temperature(value=21)); the user double replies by rule and ends once
-the right calls were made; the tool double is a key-value store replayed from the ledger; the
-judge double checks the calls. Also `ScriptedClient`, a recording stand-in for SimulatorClient.
-Used by fast tests, the trainer's tests, and as the oracle of the fidelity report.
+The task family is `home_world`'s smart home. The user double gives a goal's values only when a
+question asks about its device (a question about nothing in particular gets the next value not
+yet given), ends the episode with reward 1 once the home is in the wanted state (and any value to
+report was reported), with -1 when the agent gives up, and otherwise restates what is still
+wanted (-1). The tool double is a key-value store replayed from the ledger; the judge double
+scores by `rule_check.check_calls` on the setter calls and the final state. `heldout_tasks` is a
+fixed validation set that no training task overlaps. Also `ScriptedClient`, a recording stand-in
+for SimulatorClient. Used by fast tests, the trainer's tests, the learning benchmark, and as the
+oracle of the fidelity report.
 """
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jsonschema
@@ -17,179 +22,140 @@ import numpy as np
 from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import tasks as tasks_lib
 from trustee_jax.simulator import tools_pool
+from trustee_jax.simulator.home_world import (CATEGORY, GENRES, SPECS, double_pool,  # noqa: F401
+                                              draw_task, is_heldout, restate, reveal)
 from trustee_jax.simulator.judge import Judgement, has_tool_call
+from trustee_jax.simulator.rule_check import (CallCheck, arguments_match, check_calls,
+                                              made_calls, made_turns)
 from trustee_jax.simulator.tools import ToolLedger, ToolResult, check_call
 from trustee_jax.simulator.user import UserReply
 
-CATEGORY = "Home Assistant"
-ROOMS, DOORS, GENRES = ["kitchen", "bedroom", "living_room"], ["front", "back", "garage"], [
-    "jazz", "rock", "classical", "pop"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  toolset: str
-  description: str
-  properties: dict[str, Any]
-  key: Callable[[dict], str]  # the store key a call writes
-  value: Callable[[dict], Any]  # the value it writes
-  sample: Callable[[np.random.Generator], dict]
-  ask: Callable[[dict], str]  # the request, stated clearly
-  vague: str  # the request with its values left out
-  detail: Callable[[dict], str]  # the values, as the user says them when asked
-
-
-_INT = lambda lo, hi, d: {"type": "integer", "minimum": lo, "maximum": hi, "description": d}
-_ENUM = lambda values, d: {"type": "string", "enum": values, "description": d}
-SPECS: dict[str, _Spec] = {
-    "set_temperature": _Spec(
-        "Climate", "Set the thermostat's target temperature in degrees celsius.",
-        {"value": _INT(16, 28, "Target temperature.")}, lambda a: "temperature",
-        lambda a: a["value"], lambda r: {"value": int(r.integers(16, 29))},
-        lambda a: f"set the thermostat to {a['value']} degrees", "change the thermostat",
-        lambda a: f"I'd like {a['value']} degrees."),
-    "set_volume": _Spec(
-        "Media", "Set the speaker volume in percent.", {"level": _INT(0, 100, "Volume.")},
-        lambda a: "volume", lambda a: a["level"], lambda r: {"level": int(r.integers(1, 21)) * 5},
-        lambda a: f"set the speaker volume to {a['level']} percent", "adjust the speaker volume",
-        lambda a: f"Make the volume {a['level']} percent."),
-    "play_music": _Spec(
-        "Media", "Play a music genre on the speakers.", {"genre": _ENUM(GENRES, "Genre.")},
-        lambda a: "music", lambda a: a["genre"], lambda r: {"genre": str(r.choice(GENRES))},
-        lambda a: f"play some {a['genre']} music", "put some music on",
-        lambda a: f"I'm in the mood for {a['genre']}."),
-    "set_light": _Spec(
-        "Lights and Locks", "Set a room's light brightness in percent (0 is off).",
-        {"room": _ENUM(ROOMS, "Room."), "brightness": _INT(0, 100, "Brightness.")},
-        lambda a: f"light.{a['room']}", lambda a: a["brightness"],
-        lambda r: {"room": str(r.choice(ROOMS)), "brightness": int(r.integers(1, 11)) * 10},
-        lambda a: f"set the {a['room'].replace('_', ' ')} light to {a['brightness']} percent",
-        "change one of the lights",
-        lambda a: f"The {a['room'].replace('_', ' ')} one, at {a['brightness']} percent."),
-    "lock_door": _Spec(
-        "Lights and Locks", "Lock a door.", {"door": _ENUM(DOORS, "Door.")},
-        lambda a: f"door.{a['door']}", lambda a: "locked", lambda r: {"door": str(r.choice(DOORS))},
-        lambda a: f"lock the {a['door']} door", "lock up a door",
-        lambda a: f"The {a['door']} door."),
-}
-GET_STATE = {"name": "get_state", "description": "Read a value of the home, e.g. 'temperature', "
-             "'volume', 'music', 'light.kitchen' or 'door.front'.",
-             "parameters": {"type": "object", "properties": {"key": {
-                 "type": "string", "description": "Which value to read."}}, "required": ["key"]}}
-
-
-def _function(name: str) -> dict[str, Any]:
-  if name == "get_state":
-    return GET_STATE
-  spec = SPECS[name]
-  return {"name": name, "description": spec.description,
-          "parameters": {"type": "object", "properties": spec.properties,
-                         "required": list(spec.properties)}}
-
-
-def double_pool() -> tools_pool.Pool:
-  """The double's tools as a pool in the shipped layout (one category), for `sample_tools`."""
-  pool: tools_pool.Pool = {CATEGORY: {}}
-  for name in [*SPECS, "get_state"]:
-    toolset = SPECS[name].toolset if name in SPECS else "Climate"
-    pool[CATEGORY].setdefault(toolset, []).append(
-        {"type": "function", "function": _function(name), "toolset_name": toolset,
-         "toolset_description": f"{toolset} devices.", "category": CATEGORY})
-  return pool
-
-
-def made_calls(messages: list[dict[str, Any]]) -> list[ToolCall]:
-  """Every tool call the assistant made, arguments decoded (undecodable ones as {})."""
-  out = []
-  for m in messages:
-    for c in (m.get("tool_calls") or []) if m.get("role") == "assistant" else []:
-      fn, args = c.get("function", {}), c.get("function", {}).get("arguments", {})
-      try:
-        args = json.loads(args) if isinstance(args, str) else args
-      except json.JSONDecodeError:
-        args = {}
-      out.append(ToolCall(str(fn.get("name", "")), args if isinstance(args, dict) else {},
-                          str(c.get("id", ""))))
-  return out
-
-
-def _expected(task: tasks_lib.Task) -> list[tuple[str, dict]]:
-  return [(c["name"], c["arguments"]) for c in task.oracle["calls"]]
-
-
-def _done(task: tasks_lib.Task, calls: list[ToolCall]) -> bool:
-  return all(any(c.name == n and c.arguments == a for c in calls) for n, a in _expected(task))
+MAX_DRAWS = 200  # draws of a task before the generator gives up on a tool set
+GIVE_UP = re.compile(r"\b(can ?not|can'?t|can’t|unable|not able|impossible|not possible|"
+                     r"beyond my|don'?t have (access|the ability))\b", re.I)
 
 
 class TaskGeneratorDouble:
-  """Writes smart-home tasks by rule; `tools` must come from `double_pool()`."""
+  """Writes smart-home tasks by rule; `tools` must come from `double_pool()`. With `heldout`,
+  only tasks of the held-out split (`home_world.is_heldout`), else only the others."""
 
-  def __init__(self, cfg: Any = None):
+  def __init__(self, cfg: Any = None, *, heldout: bool = False):
     self.cfg = tasks_lib.config_from(tasks_lib.TaskGenConfig, cfg)
+    self.heldout = heldout
 
-  async def generate(self, knobs: Any, tools: list[dict[str, Any]], category: str,
-                     seed: int) -> tasks_lib.Task:
+  def draw(self, knobs: Any, tools: list[dict[str, Any]], category: str, seed: int
+           ) -> tasks_lib.Task:
+    """One task, deterministic in the seed; TaskGenerationError when the split has none."""
     kn = tasks_lib.knobs_dict(knobs)
     names = [tools_pool.tool_name(t) for t in tools]
     unknown = [n for n in names if n not in SPECS and n != "get_state"]
-    if unknown:
-      raise ValueError(f"the task double only knows double_pool() tools, not {unknown}")
-    targets = [n for n in names if n in SPECS]
-    if not targets:
-      raise tasks_lib.TaskGenerationError(f"no settable tool among {names}")
-    rng = np.random.default_rng(seed)
-    chosen = [str(n) for n in rng.choice(targets, min(kn["num_expected_calls"], len(targets)),
-                                         replace=False)]
-    args = [SPECS[n].sample(rng) for n in chosen]
-    asks = " and ".join(SPECS[n].ask(a) for n, a in zip(chosen, args))
-    vague = kn["ambiguity_level"] > 0
-    query = ("Could you " + " and ".join(SPECS[n].vague for n in chosen) + "?") if vague else (
-        f"Please {asks}.")
-    state = [f"{SPECS[n].key(a)}={json.dumps(_other_value(n, a, rng))}"
-             for n, a in zip(chosen, args)]
-    raw = {"user_intent": asks[0].upper() + asks[1:] + ".",
-           "user_persona": ["An expert", "A beginner", "A novice"][min(2, kn["persona_level"])]
-           + " smart-home user.",
-           "hidden_facts": [SPECS[n].detail(a) for n, a in zip(chosen, args)] if vague else [],
-           "initial_state": state, "expected_tool_calls": chosen, "first_user_query": query}
-    oracle = {"calls": [{"name": n, "arguments": a} for n, a in zip(chosen, args)]}
-    return tasks_lib.make_task(raw, category=category, tools=tools, knobs=kn, seed=seed,
-                               oracle=oracle)
+    if unknown or not names:
+      raise ValueError(f"the task double only knows double_pool() tools, not {unknown or names}")
+    for k in range(MAX_DRAWS):  # a fresh stream per draw: the same worlds at any wording knobs
+      raw, oracle = draw_task(kn, names, np.random.default_rng([seed, k]))
+      if is_heldout(raw) == self.heldout:
+        return tasks_lib.make_task(raw, category=category, tools=tools, knobs=kn, seed=seed,
+                                   oracle=oracle)
+    raise tasks_lib.TaskGenerationError(
+        f"no {'held-out' if self.heldout else 'training'} task for tools {names} in {MAX_DRAWS} draws")
+
+  async def generate(self, knobs: Any, tools: list[dict[str, Any]], category: str,
+                     seed: int) -> tasks_lib.Task:
+    """`draw`, behind the task generator's async interface."""
+    return self.draw(knobs, tools, category, seed)
 
   async def generate_batch(self, requests, *, avoid_queries=()) -> tasks_lib.TaskBatch:
     return await tasks_lib.generate_batch(self, requests, rounds=self.cfg.batch_rounds,
                                           avoid_queries=avoid_queries)
 
 
-def _other_value(name: str, args: dict, rng: np.random.Generator) -> Any:
-  """A stored value before the task that differs from the one the user wants."""
-  if name == "lock_door":
-    return "unlocked"
-  for _ in range(100):
-    other = SPECS[name].value(SPECS[name].sample(rng))
-    if other != SPECS[name].value(args):
-      return other
-  raise RuntimeError(f"could not draw a different value for {name}")
+def heldout_tasks(n: int, seed: int, knobs: Any) -> list[tasks_lib.Task]:
+  """A fixed validation set: n tasks (distinct first queries) of the held-out split, which no
+  training task shares; `knobs` is one knob setting or a list of them, used in turn."""
+  knobs_list = list(knobs) if isinstance(knobs, (list, tuple)) else [knobs]
+  gen, pool = TaskGeneratorDouble(heldout=True), double_pool()
+  rng = np.random.default_rng(seed)
+  out: list[tasks_lib.Task] = []
+  seen: set[str] = set()
+  for _ in range(MAX_DRAWS * max(1, n)):
+    if len(out) == n:
+      return out
+    (req,) = tasks_lib.sample_requests(pool, [knobs_list[len(out) % len(knobs_list)]], rng)
+    try:
+      task = gen.draw(req.knobs, req.tools, req.category, req.seed)
+    except tasks_lib.TaskGenerationError:
+      continue
+    if tasks_lib.normalise_query(task.first_user_query) not in seen:
+      seen.add(tasks_lib.normalise_query(task.first_user_query))
+      out.append(task)
+  raise RuntimeError(f"could not draw {n} distinct held-out tasks at knobs {knobs!r}")
+
+
+def episode_ledger(task: tasks_lib.Task, messages: Sequence[Mapping[str, Any]]) -> ToolLedger:
+  """The ledger an episode's messages imply: each tool call with the result that answered it
+  (by id); a call no result answered, or answered with an error, counts as not executed."""
+  results = {m.get("tool_call_id"): str(m.get("content", "")) for m in messages
+             if m.get("role") == "tool" and m.get("tool_call_id")}
+  ledger = ToolLedger.for_task(task)
+  for call in made_calls(messages):
+    if call.id in results:
+      ok = not results[call.id].startswith("Error") and check_call(call, task.tools) is None
+      ledger.record(call, results[call.id], ok)
+  return ledger
+
+
+def _text(message: Mapping[str, Any]) -> str:
+  return str(message.get("content") or "")
+
+
+def _reported(value: Any, text: str) -> bool:
+  return re.search(rf"(?<!\w){re.escape(str(value))}(?!\w)", text, re.I) is not None
+
+
+def episode_check(task: tasks_lib.Task, messages: Sequence[Mapping[str, Any]]
+                  ) -> tuple[CallCheck, bool, dict[str, Any]]:
+  """The rule check of the episode (the oracle's calls, reads allowed as extras, the replayed
+  final state against the expected one), whether every value to report is in the last
+  assistant message, and the final state."""
+  final = ToolDouble.state(episode_ledger(task, messages))
+  check = check_calls(task.oracle["calls"], made_turns(messages), allowed_extra=("get_state",),
+                      final_state=final, expected_state=task.oracle["expected_state"])
+  last = next((_text(m) for m in reversed(messages) if m.get("role") == "assistant"), "")
+  return check, all(_reported(v, last) for v in task.oracle["report"]), final
 
 
 class UserDouble:
-  """Ends (reward 1) once every expected call was made; answers questions with the values;
-  otherwise restates the request (reward -1)."""
+  """Plays the task's person by the rules of the module docstring, deterministic in the seed."""
 
   async def respond(self, task: tasks_lib.Task, messages: list[dict[str, Any]],
                     seed: int) -> UserReply:
     if not messages or messages[-1].get("role") != "assistant" or messages[-1].get("tool_calls"):
       raise ValueError("the user double answers an assistant text message")
-    if _done(task, made_calls(messages)):
+    rng, persona = np.random.default_rng(seed), task.knobs["persona_level"]
+    check, reported, final = episode_check(task, messages)
+    if check.passed and reported:
       return UserReply("", 1, True)
-    if "?" in str(messages[-1].get("content") or ""):
-      return UserReply(" ".join(task.hidden_facts) or task.user_intent, 0, False)
-    return UserReply(f"That's not done yet. {task.user_intent}", -1, False)
+    unmet = [g for g in task.oracle["goals"]
+             if g["name"] == "get_state" or final.get(g["key"]) != g["target"]]
+    text = _text(messages[-1])
+    asked = [g["fact"] for g in unmet if "?" in text and re.search(
+        r"\b(" + "|".join(map(re.escape, g["topics"])) + ")", text, re.I)]
+    if asked:
+      return UserReply(reveal(asked, persona, rng), 0, False)
+    if GIVE_UP.search(text):
+      return UserReply("", -1, True)
+    told = " ".join(_text(m) for m in messages if m.get("role") == "user")
+    untold = [f for f in task.hidden_facts if f not in told]
+    if "?" in text and untold:
+      return UserReply(reveal(untold[:1], persona, rng), 0, False)
+    wanted = [g["said"] for g in unmet] or ["put back what I did not ask you to change"]
+    return UserReply(restate(wanted, persona, rng), -1, False)
 
 
 class ToolDouble:
   """A key-value store: setters write, `get_state` reads; the state is replayed from the task's
-  initial state and the ledger, so results are consistent by construction."""
+  initial state and the ledger, so results are consistent by construction. Rewards: 1 for an
+  expected call, 0 for another read, -1 for another write or an invalid call."""
 
   def __init__(self, max_parallel_calls: int = 3):
     self.max_parallel_calls = max_parallel_calls
@@ -208,37 +174,43 @@ class ToolDouble:
     for i, call in enumerate(calls):
       err = (check_call(call, task.tools) if i < self.max_parallel_calls
              else "Error: not executed; too many tool calls in one turn.")
-      if err is None and call.name == "get_state" and call.arguments["key"] not in self.state(ledger):
-        err = f"Error: unknown key {call.arguments['key']!r}."
+      store = self.state(ledger)
+      if err is None and call.name == "get_state" and call.arguments["key"] not in store:
+        err = f"Error: unknown key {call.arguments['key']!r}. Known keys: {', '.join(store)}."
+      right = any(c["name"] == call.name and arguments_match(c["arguments"], call.arguments)
+                  for c in task.expected_calls)
       if err is not None:
         results.append(ToolResult(err, -1, False, err))
       elif call.name == "get_state":
-        value = self.state(ledger)[call.arguments["key"]]
-        results.append(ToolResult(json.dumps({"key": call.arguments["key"], "value": value}), 0, True))
+        value = store[call.arguments["key"]]
+        results.append(ToolResult(json.dumps({"key": call.arguments["key"], "value": value}),
+                                  int(right), True))
       else:
         spec = SPECS[call.name]
         content = json.dumps({"ok": True, "key": spec.key(call.arguments),
                               "value": spec.value(call.arguments)})
-        right = (call.name, call.arguments) in _expected(task)
         results.append(ToolResult(content, 1 if right else -1, True))
       ledger.record(call, results[-1].content, results[-1].valid)
     return results
 
 
 class JudgeDouble:
-  """1: every expected call made with the right arguments; 0: every expected tool called but
-  some arguments wrong; -1: otherwise, or no tool call at all."""
+  """1: the final state is the wanted one, every expected setter call made right (reads allowed
+  as extras) and any value to report reported; 0: every expected tool called, but the state, an
+  argument or the report is wrong; -1: otherwise, or no tool call at all."""
 
   async def score(self, task: tasks_lib.Task, messages: list[dict[str, Any]], num_criteria: int,
                   seed: int) -> Judgement:
     if not has_tool_call(messages):
       return Judgement(-1, "no tool call in the episode", ())
-    calls = made_calls(messages)
-    if _done(task, calls):
-      return Judgement(1, "every expected call made with the right arguments", (1,))
-    if all(any(c.name == n for c in calls) for n, _ in _expected(task)):
-      return Judgement(0, "the expected tools were called, some with wrong arguments", (0,))
-    return Judgement(-1, "an expected tool was never called", (-1,))
+    check, reported, _ = episode_check(task, messages)
+    parts = check.parts()
+    if check.passed and reported:
+      return Judgement(1, "the home is as wanted, every expected call made right", (1,), parts)
+    if not check.missing:
+      why = "the value was not reported" if check.passed else "the final state or an argument is wrong"
+      return Judgement(0, f"every expected tool was called, but {why}", (0,), parts)
+    return Judgement(-1, f"expected tools never called: {', '.join(check.missing)}", (-1,), parts)
 
 
 @dataclasses.dataclass(frozen=True)
