@@ -1,6 +1,8 @@
-"""Forward tokens/s of SmolLM2-135M: the JAX decoder (jitted) against transformers PyTorch.
+"""Forward tokens/s of a packaged GGUF model (SmolLM2-135M unless --model names another): the
+JAX decoder (jitted) against transformers PyTorch.
 
-  python benchmarks/forward.py [--batch 8] [--length 256] [--rounds 3] [--torch_threads 2]
+  python benchmarks/forward.py [--model smollm2] [--batch 8] [--length 256] [--rounds 3]
+      [--torch_threads 2]
 
 Same weights (the packaged GGUF, f32), same random tokens, full logits on both sides; torch
 in inference mode on a fixed number of threads. The contenders alternate; compile time is
@@ -21,9 +23,11 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from trustee_jax.models import packaged, weights  # noqa: E402
+from trustee_jax.models import loading  # noqa: E402
 from trustee_jax.models.transformer import ModelConfig  # noqa: E402
 
+_MODEL = flags.DEFINE_enum("model", "smollm2", list(loading.PACKAGED), "Packaged GGUF model "
+                           "(transformers reads the same file).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per forward.")
 _LENGTH = flags.DEFINE_integer("length", 256, "Tokens per sequence.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed runs per contender (alternating).")
@@ -51,10 +55,10 @@ def main(_):
   probe = common.matmul_probe(torch_threads=_THREADS.value)
   print(f"matmul probe: {probe}", flush=True)
 
-  model = weights.load_gguf()
+  model = loading.load_model(_MODEL.value)
   cfg = model.cfg
   graphdef, state = nnx.split(model)
-  path = packaged.smollm2_gguf_path()
+  path = loading.gguf_path(_MODEL.value)
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
@@ -91,7 +95,7 @@ def main(_):
       common.block(jax_logits(state, tokens, positions))
 
   flops = forward_flops(cfg, b, t)
-  out = {"benchmark": "forward", "model": "smollm2-135m (GGUF, f32)", "batch": b, "length": t,
+  out = {"benchmark": "forward", "model": f"{_MODEL.value} (GGUF, f32)", "batch": b, "length": t,
          "machine": common.machine(), "matmul_probe": probe, "forward_gflop": flops / 1e9,
          "max_abs_logit_diff": float(diff.max())}
   for name, r in res.items():

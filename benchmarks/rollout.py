@@ -2,13 +2,14 @@
 
   python benchmarks/rollout.py [--tasks 4] [--group_size 8] [--delay_s 0.2] [--c1_episodes 8]
 
-The policy is the real SmolLM2-135M (load_gguf) in the sampling engine; the world is the
-rule-based doubles (smart-home tasks) behind a wrapper that sleeps `delay_s` before every
-simulator call an LM world would make (each user reply, each tool call that passes the schema
-check, the judge when the episode called a tool). Three timed passes over the same tasks and
-seeds, after the same three passes run once untimed to compile the shapes they meet (JAX compile
-time still met in a timed pass is measured and reported, and taken out of the times the ideal
-is judged on), each pass starting with no resident KV caches (as after a weight update):
+The policy is the real SmolLM2-135M (or --model, named as models/loading.py names models) in
+the sampling engine; the world is the rule-based doubles (smart-home tasks) behind a wrapper
+that sleeps `delay_s` before every simulator call an LM world would make (each user reply,
+each tool call that passes the schema check, the judge when the episode called a tool). Three
+timed passes over the same tasks and seeds, after the same three passes run once untimed to
+compile the shapes they meet (JAX compile time still met in a timed pass is measured and
+reported, and taken out of the times the ideal is judged on), each pass starting with no
+resident KV caches (as after a weight update):
   zero latency at concurrency 32 (the policy's compute time), 200 ms at 32, 200 ms at 1.
 Ideal for 32 = max(latency bound, compute time), the latency bound being
 max(longest episode's simulator time, total simulator time / 32), and the compute time the
@@ -34,8 +35,7 @@ import numpy as np  # noqa: E402
 
 from trustee_jax import rollout  # noqa: E402
 from trustee_jax.chat import ChatFormat  # noqa: E402
-from trustee_jax.models import model_configs, tokenizer as tok_lib, weights  # noqa: E402
-from trustee_jax.models.transformer import create_model  # noqa: E402
+from trustee_jax.models import loading  # noqa: E402
 from trustee_jax.sampling.engine import Engine  # noqa: E402
 from trustee_jax.simulator import doubles, tasks as tasks_lib  # noqa: E402
 from trustee_jax.simulator.judge import has_tool_call  # noqa: E402
@@ -142,6 +142,13 @@ def timed_pass(tasks, *, engine, chat, tok, cfg, clock: CompileClock, delay_s: f
           "engine": engine_delta, "loadavg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
+def policy_source(name: str) -> str:
+  """Where the policy `name` came from, for the result line."""
+  if name in loading.PACKAGED:
+    return "packaged GGUF, f32"
+  return "HF directory" if pathlib.Path(name).is_dir() else "random"
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tasks", type=int, default=4)
@@ -153,14 +160,13 @@ def main() -> None:
   ap.add_argument("--cache_len", type=int, default=1024)
   ap.add_argument("--decode_chunk", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--model", default="smollm2", help="smollm2, or a named random config "
+  ap.add_argument("--model", default="smollm2", help=f"a packaged GGUF "
+                  f"({', '.join(loading.PACKAGED)}), an HF directory, or a named random config "
                   "(e.g. tiny-llama, for a smoke run)")
   args = ap.parse_args()
   jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
   t_start, load_before = time.perf_counter(), os.getloadavg()
-  tok = tok_lib.load_tokenizer("smollm2")
-  model = (weights.load_gguf() if args.model == "smollm2" else
-           create_model(model_configs.get_model_config(args.model), seed=args.seed))
+  model, tok = loading.load_model_and_tokenizer(args.model, seed=args.seed)
   chat = ChatFormat(tok)
   tasks = make_tasks(args.tasks, args.seed)
   cfg = rollout.RolloutConfig(group_size=args.group_size, max_turn_tokens=args.max_turn_tokens,
@@ -185,8 +191,7 @@ def main() -> None:
                                                                   wide["episodes"]))
   ideal_s = max(latency_bound_s, compute_s)
   result = {
-      "bench": "rollout", "policy": ("SmolLM2-135M-Instruct (packaged GGUF, f32)"
-                                  if args.model == "smollm2" else f"{args.model} (random)"),
+      "bench": "rollout", "policy": f"{args.model} ({policy_source(args.model)})",
       "world": f"doubles + {args.delay_s * 1000:.0f} ms per simulator call",
       "episodes_per_s": {"concurrency_1": one["episodes_per_s"],
                          f"concurrency_{args.concurrency}": wide["episodes_per_s"]},

@@ -32,13 +32,14 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from trustee_jax.models import model_configs, packaged, tokenizer, weights  # noqa: E402
+from trustee_jax.models import loading, model_configs, tokenizer, weights  # noqa: E402
 from trustee_jax.models.transformer import create_model  # noqa: E402
 from trustee_jax.sampling import constrained  # noqa: E402
 from trustee_jax.sampling.engine import Engine, SamplingParams  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "smollm2", "'smollm2' (GGUF) or a named config.")
-_RANDOM = flags.DEFINE_bool("random_weights", False, "Random weights for a named config.")
+_MODEL = flags.DEFINE_string("model", "smollm2", f"A packaged GGUF ({', '.join(loading.PACKAGED)}) "
+                             "or a named config (with --random_weights).")
+_RANDOM = flags.DEFINE_bool("random_weights", False, "Random weights of --model's shape.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Param and compute dtype.")
 _GPU = flags.DEFINE_bool("gpu", False, "GPU preset: qwen3-8b, random bf16, batches 1,64, "
                          "256-token prompts, 128 new tokens, torch on cuda.")
@@ -66,19 +67,19 @@ def _load(torch):
   import transformers  # pylint: disable=import-outside-toplevel
   device = "cuda" if _GPU.value else "cpu"
   tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_DTYPE.value]
-  if _MODEL.value == "smollm2" and not _RANDOM.value:
-    model = weights.load_gguf(param_dtype=_DTYPE.value)
-    path = packaged.smollm2_gguf_path()
+  tok = tokenizer.load_tokenizer(loading.default_tokenizer(_MODEL.value))
+  if _MODEL.value in loading.PACKAGED and not _RANDOM.value:
+    model = loading.load_model(_MODEL.value, param_dtype=_DTYPE.value)
+    path = loading.gguf_path(_MODEL.value)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=tdtype)
-    return model, tokenizer.load_tokenizer("smollm2"), hf.to(device).eval()
+    return model, tok, hf.to(device).eval()
   name = "smollm2-135m" if _MODEL.value == "smollm2" else _MODEL.value
   cfg = model_configs.get_model_config(name, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   model = create_model(cfg, seed=0)
   hf_config = transformers.AutoConfig.for_model(**weights.config_to_hf(cfg, _DTYPE.value))
   with torch.device(device):  # random init straight on the device (8B on the GPU)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=tdtype)
-  tok = tokenizer.load_tokenizer("qwen3" if cfg.qk_norm else "smollm2")
   return model, tok, hf.eval()
 
 

@@ -1,6 +1,7 @@
 """Embedded simulator server throughput: 16 concurrent requests against the same 16 one by one.
 
-  python benchmarks/simulator.py [--model smollm2] [--num_slots 16] [--reps 1]
+  python benchmarks/simulator.py [--model smollm2|qwen2.5-coder-0.5b|...] [--dtype bfloat16]
+      [--num_slots 16] [--reps 1]
 
 Mixes: short chats (short prompt, a few dozen new tokens) and user-simulator-shaped requests
 (~1k-token prompt, at most 64 new tokens); then json_schema-constrained against free text,
@@ -24,7 +25,10 @@ import jax  # noqa: E402
 import jsonschema  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "smollm2", "Model to serve (see launch/serve_simulator.py).")
+_MODEL = flags.DEFINE_string("model", "smollm2", "Model to serve, named as in "
+                             "launch/serve_simulator.py (a packaged GGUF, an HF dir, a shape).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weights and compute dtype "
+                           "(default: the model's, see launch/serve_simulator.py).")
 _SLOTS = flags.DEFINE_integer("num_slots", 16, "Engine slots.")
 _CACHE_LEN = flags.DEFINE_integer("cache_len", 2048, "Context per slot.")
 _REQUESTS = flags.DEFINE_integer("requests", 16, "Requests per mix.")
@@ -32,7 +36,8 @@ _SHORT_TOKENS = flags.DEFINE_integer("short_tokens", 32, "max_tokens of a short 
 _LONG_PROMPT = flags.DEFINE_integer("long_prompt", 1000, "Prompt tokens of a user-sim request.")
 _LONG_TOKENS = flags.DEFINE_integer("long_tokens", 64, "max_tokens of a user-sim request.")
 _REPS = flags.DEFINE_integer("reps", 1, "Timed (sequential, concurrent) pairs per mix.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "smollm2", "Tokenizer of --model (builds prompts).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer of --model, served and building "
+                                 "the prompts (default: the model's own).")
 _ONE_SLOT = flags.DEFINE_bool("one_slot_baseline", True, "Also time the sequential passes on "
                               "a 1-slot server.")
 
@@ -140,7 +145,8 @@ def serving(num_slots: int):
   """A fresh embedded server over SmolLM2 (or --model) with `num_slots` slots."""
   from trustee_jax.simulator.server import ServerThread, load_simulator  # noqa: PLC0415
   t0 = time.perf_counter()
-  sim = load_simulator(_MODEL.value, num_slots=num_slots, cache_len=_CACHE_LEN.value)
+  sim = load_simulator(_MODEL.value, _TOKENIZER.value, num_slots=num_slots,
+                       cache_len=_CACHE_LEN.value, dtype=_DTYPE.value)
   try:
     with ServerThread(sim.app()) as server:
       print(f"[{num_slots} slots] loaded in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -154,7 +160,7 @@ def main_server(bodies: dict[str, list[dict]]) -> dict:
   n = _REQUESTS.value
   results: dict = {"num_slots": _SLOTS.value, "requests": n}
   with serving(_SLOTS.value) as (sim, url):
-    results["model"] = sim.model_name
+    results["model"], results["dtype"] = sim.model_name, sim.engine.cfg.dtype
     t0 = time.perf_counter()
     for batch in bodies.values():  # compiles the shapes of both modes
       timed(sim, url, batch, concurrent=True)
@@ -196,8 +202,9 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", str(cache))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from trustee_jax.chat import ChatFormat  # noqa: PLC0415
+  from trustee_jax.models import loading  # noqa: PLC0415
   from trustee_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415
-  tok = load_tokenizer(_TOKENIZER.value)
+  tok = load_tokenizer(_TOKENIZER.value or loading.default_tokenizer(_MODEL.value))
   bodies = _bodies(_REQUESTS.value, ChatFormat(tok))
   results = main_server(bodies)
   if _ONE_SLOT.value:

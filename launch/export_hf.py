@@ -2,6 +2,7 @@
 
   python launch/export_hf.py --workdir runs/demo --out exports/demo [--step N] [--dtype bfloat16]
   python launch/export_hf.py --base_model smollm2 --out exports/smollm2   # the untrained base
+  python launch/export_hf.py --base_model qwen2.5-coder-0.5b --out exports/qwen-coder-0.5b
 
 OUT gets config.json, model safetensors, the tokenizer with the chat template the policy was
 trained with, and generation_config.json: transformers loads it unchanged
@@ -14,11 +15,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
 
+from trustee_jax.models.packaged import MODELS  # noqa: E402  (light: no JAX)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _BASE = flags.DEFINE_string("base_model", None, "Instead of --workdir: an untrained policy as "
-                            "a run names it ('smollm2', an HF directory, a named config).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "smollm2", "With --base_model and a named "
-                                 "config: its tokenizer.")
+                            f"a run names it (a packaged GGUF: {', '.join(MODELS)}; an HF "
+                            "directory; a named config).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "With --base_model and a named config: its "
+                                 "tokenizer (default: qwen3 for Qwen shapes, else smollm2).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],

@@ -1,7 +1,8 @@
 """Serves a frozen model over the OpenAI-compatible API (the embedded simulator server).
 
-  python launch/serve_simulator.py [--model smollm2|HF_DIR|tiny-llama|...] [--host 127.0.0.1]
-      [--port 8000] [--api-key KEY] [--num_slots 16] [--cache_len 4096] [--parent_pid PID]
+  python launch/serve_simulator.py [--model smollm2|qwen2.5-coder-0.5b|HF_DIR|tiny-llama|...]
+      [--dtype float32|bfloat16] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+      [--num_slots 16] [--cache_len 4096] [--parent_pid PID]
 
 Prints the base URL once it accepts requests. SIGTERM or SIGINT stop it gracefully (in-flight
 requests get `--graceful_timeout_s` to finish, the rest fail). With --parent_pid it also stops
@@ -21,9 +22,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
 
+from trustee_jax.models.packaged import MODELS  # noqa: E402  (light: no JAX)
+
 _MODEL = flags.DEFINE_string(
-    "model", "smollm2", "'smollm2' (packaged GGUF), a Hugging Face directory, or a named config "
-    "from trustee_jax/models/model_configs.py with random weights (e.g. tiny-llama).")
+    "model", "smollm2", f"A packaged GGUF ({', '.join(MODELS)}), a Hugging Face directory, or a "
+    "named config from trustee_jax/models/model_configs.py with random weights (e.g. tiny-llama).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weights and compute dtype "
+                           "(default: float32 for GGUF files and random shapes, the checkpoint's "
+                           "for HF directories).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer source if not the model's own "
                                  "('smollm2', 'qwen3', a directory).")
 _SERVED_NAME = flags.DEFINE_string("served_model_name", None, "Model name in replies "
@@ -87,7 +93,8 @@ def main(argv):
   from trustee_jax.simulator.server import ServerThread, load_simulator  # noqa: PLC0415
   sim = load_simulator(_MODEL.value, _TOKENIZER.value, served_name=_SERVED_NAME.value,
                        num_slots=_NUM_SLOTS.value, cache_len=_CACHE_LEN.value,
-                       max_queue=_MAX_QUEUE.value, decode_chunk=_DECODE_CHUNK.value)
+                       max_queue=_MAX_QUEUE.value, decode_chunk=_DECODE_CHUNK.value,
+                       dtype=_DTYPE.value)
   api_key = _API_KEY.value or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
   server = ServerThread(sim.app(api_key, default_max_tokens=_MAX_TOKENS.value), _HOST.value,
                         _PORT.value, graceful_timeout_s=_GRACE.value,
@@ -98,6 +105,7 @@ def main(argv):
     server.start()
     print(f"simulator {sim.model_name} serving at {server.url}/v1 "
           f"(slots={_NUM_SLOTS.value}, context={_CACHE_LEN.value}, "
+          f"dtype={sim.engine.cfg.dtype}, "
           f"api_key={'on' if api_key else 'off'})", flush=True)
     while not stop.wait(1.0):
       pass

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 
 from trustee_jax import curriculum as cur
 from trustee_jax import export, train, update
@@ -159,6 +160,44 @@ def test_base_export_is_step_zero_of_the_same_model(run, tmp_path):
           == json.loads((run["out"] / "config.json").read_text()))
   assert ((out / "chat_template.jinja").read_text()
           == (run["out"] / "chat_template.jinja").read_text())
+
+
+def test_base_export_by_packaged_name_uses_its_gguf_and_tokenizer(monkeypatch, tmp_path):
+  """A packaged name routes to its GGUF file and that file's tokenizer (both stubbed: a tiny
+  Qwen2 stands in for the 0.5B), and a Qwen2 comes out as Qwen2ForCausalLM."""
+  from trustee_jax.models import loading, model_configs
+  from trustee_jax.models.transformer import create_model
+  calls, load_tokenizer = [], loading.tok_lib.load_tokenizer
+
+  def gguf_path(name):
+    calls.append(("file", name))
+    return tmp_path / f"{name}.gguf"
+
+  def load_gguf(path, **kw):
+    calls.append(("gguf", path.name, kw["param_dtype"]))
+    return create_model(model_configs.get_model_config("tiny-qwen2"))
+
+  def tokenizer(source):
+    calls.append(("tokenizer", source))
+    return load_tokenizer("qwen3")
+
+  monkeypatch.setattr(loading, "gguf_path", gguf_path)
+  monkeypatch.setattr(loading.weights, "load_gguf", load_gguf)
+  monkeypatch.setattr(loading.tok_lib, "load_tokenizer", tokenizer)
+  out = export.export_base("qwen2.5-coder-0.5b", tmp_path / "base")
+  assert calls == [("file", "qwen2.5-coder-0.5b"), ("gguf", "qwen2.5-coder-0.5b.gguf", "float32"),
+                   ("tokenizer", "qwen2.5-coder-0.5b")]
+  assert json.loads((out / "trustee_export.json").read_text()) == {
+      "workdir": None, "step": 0, "model": "qwen2.5-coder-0.5b", "tokenizer": "qwen2.5-coder-0.5b"}
+  assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_tokenizer_source_follows_load_policy():
+  source = lambda **model: export.tokenizer_source(ConfigDict({"model": model}))  # noqa: E731
+  assert source(name="qwen2.5-coder-1.5b", tokenizer="smollm2") == "qwen2.5-coder-1.5b"
+  assert source(name="tiny-qwen3") == "qwen3"
+  assert source(name="tiny-llama", tokenizer="qwen3") == "qwen3"
+  assert source(name="tiny-llama") == "smollm2"
 
 
 @pytest.mark.slow

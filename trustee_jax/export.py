@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from trustee_jax.chat import ChatFormat
+from trustee_jax.models import loading, weights
 from trustee_jax.models import tokenizer as tok_lib
-from trustee_jax.models import weights
 from trustee_jax.models.transformer import ModelConfig, RopeScaling, Transformer
 
 
@@ -170,13 +170,8 @@ def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[st
 
 
 def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
-  """The tokenizer the run used, chosen as train.load_policy chooses it."""
-  name = str(cfg.model.name)
-  if name == "smollm2":
-    return "smollm2"
-  if pathlib.Path(name).is_dir():
-    return name
-  return str(cfg.model.get("tokenizer", "smollm2"))
+  """The tokenizer the run used (`models.loading.policy_tokenizer`)."""
+  return loading.policy_tokenizer(str(cfg.model.name), cfg.model.get("tokenizer", ""))
 
 
 def restore_policy(workdir: str | pathlib.Path, step: int | None = None) -> RestoredPolicy:
@@ -267,10 +262,11 @@ def export_hf(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: in
   return _write(policy.model, policy.tokenizer, policy.config, out, dtype, record)
 
 
-def export_base(model: str, out_dir: str | pathlib.Path, *, tokenizer: str = "smollm2",
+def export_base(model: str, out_dir: str | pathlib.Path, *, tokenizer: str = "",
                 dtype: str | None = None, seed: int = 0) -> pathlib.Path:
-  """The untrained policy a run starts from ("smollm2", an HF directory, or a named config
-  with `tokenizer`) in the same layout, with step 0: the base side of a comparison."""
+  """The untrained policy a run starts from (named as `models.loading` names it; `tokenizer`
+  only for a named random shape, default the implied one) in the same layout, with step 0:
+  the base side of a comparison."""
   from trustee_jax.train import load_policy  # the one definition of how a run loads it
   out = _fresh_out(out_dir)
   cfg = ml_collections.ConfigDict({"seed": seed, "model": {"name": model, "tokenizer": tokenizer}})

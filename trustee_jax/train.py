@@ -20,7 +20,7 @@ from trustee_jax import curriculum as cur
 from trustee_jax import distributed, grpo, lora, rollout, update
 from trustee_jax.checkpoint import Checkpointer, abstract_like
 from trustee_jax.chat import ChatFormat
-from trustee_jax.models import loading, model_configs
+from trustee_jax.models import loading
 from trustee_jax.sampling.engine import Engine
 from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger
@@ -32,7 +32,7 @@ def load_policy(cfg, mesh=None) -> tuple[Any, Any]:
   Face directory, or a named random config, whose tokenizer `cfg.model.tokenizer` names), with
   the weights in `cfg.model.param_dtype`; with a mesh they load straight into their shardings."""
   m = cfg.model
-  tokenizer = m.get("tokenizer", "") if m.name in model_configs.MODEL_CONFIGS else ""
+  tokenizer = loading.policy_tokenizer(m.name, m.get("tokenizer", ""))
   return loading.load_model_and_tokenizer(
       m.name, tokenizer, mesh=mesh, param_dtype=m.get("param_dtype"), dtype=m.get("dtype"),
       seed=cfg.seed, remat_policy=m.get("remat_policy"))
@@ -196,7 +196,7 @@ class Trainer:
   # ---- one step ------------------------------------------------------------------------
 
   async def _tasks(self, step: int, key=None, n: int | None = None, seed_step: int | None = None,
-                   level: int = 0):
+                   level: int = 0, validation: bool = False):
     """This process's share of the step's tasks (knobs drawn alike on every process), at the
     curriculum's level or, when given, at a fixed `level` (soft draws off)."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if key is None else key
@@ -207,8 +207,9 @@ class Trainer:
       state = state.replace(level=jnp.full_like(state.level, level))
     knobs = cur.knobs(cur_cfg, state, key, n).unbatch()
     mine = knobs[distributed.process_slice(len(knobs), self.info)]
-    return await self.world.make_tasks(
-        mine, rollout.derive_seed(self.host_seed, step if seed_step is None else seed_step))
+    make = self.world.make_validation_tasks if validation else self.world.make_tasks
+    seed = rollout.derive_seed(self.host_seed, step if seed_step is None else seed_step)
+    return await make(mine, seed)
 
   def _advantages(self, arrays) -> np.ndarray:
     n = len(arrays["rewards"])
@@ -337,7 +338,8 @@ class Trainer:
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x7FFFFFFF)  # not a train step
     tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1,
-                              level=int(self.cfg.validation.get("level", 0)))
+                              level=int(self.cfg.validation.get("level", 0)),
+                              validation=True)
     path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
     return tasks
 

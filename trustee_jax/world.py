@@ -38,6 +38,13 @@ class SimWorld(World):
     self.counters["tasks/generated"] += len(batch.tasks)
     return batch.tasks
 
+  async def make_validation_tasks(self, knobs_list, seed: int) -> list[tasks.Task]:
+    """The fixed validation set: the doubles' held-out split (tasks no training step draws), or,
+    in an LM world, tasks generated like any others from a seed no training step uses."""
+    if isinstance(self.generator, doubles.TaskGeneratorDouble):
+      return doubles.heldout_tasks(len(knobs_list), seed, list(knobs_list))
+    return await self.make_tasks(knobs_list, seed)
+
   def stats(self) -> dict[str, float]:
     out = {f"world/{k}": float(v) for k, v in self.counters.items()}
     if self.client is not None:
@@ -58,6 +65,8 @@ def start_embedded_server(sim_cfg) -> tuple[str, subprocess.Popen]:
          f"--parent_pid={os.getpid()}"]
   if sim_cfg.get("tokenizer"):
     cmd.append(f"--tokenizer={sim_cfg.tokenizer}")
+  if sim_cfg.get("dtype"):
+    cmd.append(f"--dtype={sim_cfg.dtype}")
   log = open(pathlib.Path(sim_cfg.get("log_dir", ".")) / "simulator_server.log", "ab")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"

@@ -18,14 +18,27 @@ def default_tokenizer(name: str) -> str:
   return "qwen3" if "qwen" in name else "smollm2"
 
 
+def policy_tokenizer(name: str, tokenizer: str = "") -> str:
+  """The tokenizer of a run that names model `name` and `tokenizer`: a packaged model's or HF
+  directory's own (a config's `tokenizer` is only for random shapes, which share some names)."""
+  if name in PACKAGED or pathlib.Path(name).is_dir():
+    return name
+  return tokenizer or default_tokenizer(name)
+
+
+def gguf_path(name: str) -> pathlib.Path:
+  """The file of a packaged GGUF model (SmolLM2's where pip put it, the others verified)."""
+  return packaged.smollm2_gguf_path() if name == "smollm2" else packaged.packaged_gguf_path(name)
+
+
 def load_model(name: str, *, mesh=None, param_dtype: str | None = None,
                dtype: str | None = None, seed: int = 0, remat_policy: str | None = None
                ) -> Transformer:
   """The model `name` stands for, its weights in `param_dtype` (default: f32 for GGUF files,
   the checkpoint's dtype for HF directories) computing in `dtype` (default: param_dtype)."""
   if name in PACKAGED:
-    path = packaged.smollm2_gguf_path() if name == "smollm2" else packaged.packaged_gguf_path(name)
-    model = weights.load_gguf(path, mesh=mesh, param_dtype=param_dtype or "float32", dtype=dtype)
+    model = weights.load_gguf(gguf_path(name), mesh=mesh, param_dtype=param_dtype or "float32",
+                              dtype=dtype)
   elif pathlib.Path(name).is_dir():
     model = weights.load_hf(name, mesh=mesh, param_dtype=param_dtype, dtype=dtype)
   elif name in model_configs.MODEL_CONFIGS:

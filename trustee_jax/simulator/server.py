@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import pathlib
 import logging
 import secrets
 import socket
@@ -28,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trustee_jax.chat import ChatFormat
-from trustee_jax.models import model_configs, transformer, weights
-from trustee_jax.models.tokenizer import Tokenizer, load_tokenizer
+from trustee_jax.models import loading
+from trustee_jax.models.tokenizer import Tokenizer
 from trustee_jax.sampling.constrained import GrammarCompiler
 from trustee_jax.sampling.engine import (Completion, Engine, EngineError, QueueFullError,
                                          RequestError)
@@ -290,20 +289,12 @@ class Simulator:
 
 def load_simulator(model: str = "smollm2", tokenizer: str | None = None, *,
                    served_name: str | None = None, num_slots: int = 16, cache_len: int = 4096,
-                   max_queue: int = 4096, decode_chunk: int = 8, seed: int = 0) -> Simulator:
-  """The model to serve: "smollm2" (the packaged GGUF), a Hugging Face directory, or a named
-  config from model_configs with random weights (tokenizer: qwen3 for qwen3 shapes, else smollm2).
-  """
-  if model == "smollm2":
-    net, tok = weights.load_gguf(), load_tokenizer(tokenizer or "smollm2")
-  elif model in model_configs.MODEL_CONFIGS:
-    net = transformer.create_model(model_configs.get_model_config(model), seed=seed)
-    tok = load_tokenizer(tokenizer or ("qwen3" if "qwen3" in model else "smollm2"))
-  elif pathlib.Path(model).is_dir():
-    net, tok = weights.load_hf(model), load_tokenizer(tokenizer or model)
-  else:
-    raise ValueError(f"unknown model {model!r}: expected 'smollm2', a Hugging Face directory, "
-                     f"or one of {sorted(model_configs.MODEL_CONFIGS)}")
+                   max_queue: int = 4096, decode_chunk: int = 8, seed: int = 0,
+                   dtype: str | None = None) -> Simulator:
+  """The model to serve, named as `models.loading` names it (a packaged GGUF, a Hugging Face
+  directory, or a named random shape), with its weights and compute in `dtype` if given."""
+  net, tok = loading.load_model_and_tokenizer(model, tokenizer or "", param_dtype=dtype,
+                                              dtype=dtype, seed=seed)
   vocab = net.cfg.vocab_size
   if tok.vocab_size > vocab:
     raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model only {vocab}")
