@@ -1,0 +1,251 @@
+"""Serves a GGUF with llama-cpp-python's OpenAI-compatible server, shaped for SimulatorClient.
+
+  python launch/serve_llamacpp.py --model qwen25-coder-0.5b|FILE.gguf [--host 127.0.0.1]
+      [--port 8000] [--n_ctx 4096] [--n_threads 2] [--logits_all] [--api_key KEY]
+      [--parent_pid PID]
+
+Needs `pip install -r requirements-llamacpp.txt` (llama-cpp-python built from source). The
+chat template is the GGUF's own (`tokenizer.chat_template`, rendered with jinja2) unless
+--chat_format names one of llama-cpp-python's built-in formats. Prints the base URL once it
+accepts requests; SIGTERM/SIGINT stop it (uvicorn's graceful shutdown); with --parent_pid it
+also stops when that process dies.
+
+llama-cpp-python 0.3.36's server differs from what this project's client sends in a few ways;
+a small ASGI shim in front of it closes the gaps:
+  * `response_format: {"type": "json_schema", "json_schema": {"schema": S}}` (OpenAI's, what
+    SimulatorClient.chat_json sends) is rejected there (it knows only `json_object`, with an
+    optional `schema`): the shim rewrites it to `{"type": "json_object", "schema": S}`, which
+    its chat handler turns into a GBNF grammar (llama_cpp.llama_grammar's converter; keys it
+    does not know, such as `x-guidance`, are ignored).
+  * `n` is silently dropped there (always one choice): the shim answers n > 1 with a 400.
+  * `logprobs: true` without `top_logprobs` returns no logprobs there: the shim asks for one.
+    Logprobs need --logits_all (which also computes logits for every prompt token: slower
+    prefill, and an n_ctx x vocab f32 buffer), else the request is a 400. They are the
+    model's own distribution before any grammar mask (as in llama.cpp), so a yes/no verdict's
+    P(yes) is exp(lp_yes) / (exp(lp_yes) + exp(lp_no)) from the top_logprobs at that position.
+  * tools render through the GGUF's template, but no `tool_calls` are parsed from the reply.
+  * its sampling defaults are not OpenAI's (repeat_penalty 1.1, top_k 40, min_p 0.05): the
+    shim sends 1.0 / 0 / 0.0 unless the request names them, as SGLang and OpenAI do.
+  * llama.cpp's OpenMP threads busy-wait by default, which falls apart on a shared CPU:
+    OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise (--omp_wait_policy).
+  * there is no `/health`: the shim answers it (200 once the model is loaded, which is before
+    the socket is bound).
+It serves one request at a time (an asyncio lock around the one llama.cpp context): concurrent
+requests wait in order, so 8 clients get the throughput of 1 and up to 8x the latency. Run
+several processes (one thread each) on different ports and list them all in the client's
+`urls` to use more cores for more requests.
+"""
+import ctypes
+import ctypes.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import sys
+import threading
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+
+_MODEL = flags.DEFINE_string(
+    "model", "qwen25-coder-0.5b", "A .gguf file, or 'qwen25-coder-0.5b' / 'qwen25-coder-1.5b' "
+    "(trustee_jax.models.packaged).")
+_SERVED_NAME = flags.DEFINE_string("served_model_name", None, "Model name in replies and "
+                                   "/v1/models (default: --model).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1 "
+                               "(or $TRUSTEE_SIMULATOR_API_KEY).")
+_N_CTX = flags.DEFINE_integer("n_ctx", 4096, "Context (prompt + reply) in tokens.")
+_N_THREADS = flags.DEFINE_integer("n_threads", 2, "Threads for decode and for prompt batches.")
+_N_BATCH = flags.DEFINE_integer("n_batch", 512, "Prompt tokens per llama_decode call.")
+_LOGITS_ALL = flags.DEFINE_bool("logits_all", False, "Keep logits of every position (needed "
+                                "for logprobs; slower prefill).")
+_CHAT_FORMAT = flags.DEFINE_string("chat_format", None, "A llama-cpp-python chat format name "
+                                   "(default: the GGUF's own chat template).")
+_PARENT_PID = flags.DEFINE_integer("parent_pid", None, "Exit when this process dies.")
+_OMP_WAIT = flags.DEFINE_enum(
+    "omp_wait_policy", "passive", ["passive", "active"], "OpenMP worker wait policy "
+    "($OMP_WAIT_POLICY wins). llama.cpp's OpenMP threads spin between ops by default; on a CPU "
+    "shared with other work that collapses throughput (2 threads beside a training job: 4 vs "
+    "41 decode tok/s measured here), so the default is passive.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "llama.cpp's own logging (timings per request).")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                               "uvicorn's log level.")
+
+PACKAGED = {"qwen25-coder-0.5b": "0.5b", "qwen25-coder-1.5b": "1.5b"}
+# OpenAI's (and SGLang's) sampling defaults where llama-cpp-python's differ.
+OPENAI_DEFAULTS = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+_CHAT_PATH = "/v1/chat/completions"
+_MAX_BODY = 64 << 20
+
+
+def resolve_model(model: str) -> pathlib.Path:
+  """A packaged model name or a .gguf path -> the GGUF file."""
+  if model in PACKAGED:
+    from trustee_jax.models import packaged  # noqa: PLC0415
+    return pathlib.Path(packaged.qwen25_coder_gguf_path(PACKAGED[model]))
+  path = pathlib.Path(model)
+  if not path.is_file():
+    raise FileNotFoundError(f"--model {model!r} is neither {sorted(PACKAGED)} nor a file")
+  return path
+
+
+def rewrite_chat_request(body: dict, logits_all: bool) -> tuple[dict | None, str | None]:
+  """The request as llama-cpp-python needs it, or (None, message) for a 400."""
+  body = dict(body)
+  n = body.get("n")
+  if n is not None and n != 1:
+    return None, f"n={n} is not supported by this server (llama-cpp-python returns one choice)"
+  fmt = body.get("response_format")
+  if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+    spec = fmt.get("json_schema") or {}
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    body["response_format"] = ({"type": "json_object", "schema": schema}
+                               if isinstance(schema, dict) else {"type": "json_object"})
+  if body.get("logprobs"):
+    if not logits_all:
+      return None, "logprobs need the server started with --logits_all"
+    if not body.get("top_logprobs"):
+      body["top_logprobs"] = 1  # llama-cpp-python returns none for logprobs without top_logprobs
+  for key, value in OPENAI_DEFAULTS.items():
+    body.setdefault(key, value)
+  body.pop("chat_template_kwargs", None)  # per-request template kwargs are not supported there
+  return body, None
+
+
+def _error_body(message: str, code: str) -> bytes:
+  return json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                               "param": None, "code": code}}).encode()
+
+
+class Shim:
+  """ASGI middleware: /health, and chat requests rewritten by `rewrite_chat_request`."""
+
+  def __init__(self, inner, logits_all: bool):
+    self.inner, self.logits_all = inner, logits_all
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.inner(scope, receive, send)
+    path, method = scope["path"], scope["method"]
+    if path == "/health" and method in ("GET", "HEAD"):
+      return await _send(send, 200, b'{"status":"ok"}')
+    if path != _CHAT_PATH or method != "POST":
+      return await self.inner(scope, receive, send)
+    chunks, size = [], 0
+    while True:
+      message = await receive()
+      if message["type"] == "http.disconnect":
+        return None
+      chunks.append(message.get("body", b""))
+      size += len(chunks[-1])
+      if size > _MAX_BODY:
+        return await _send(send, 413, _error_body("request body too large", "too_large"))
+      if not message.get("more_body"):
+        break
+    raw = b"".join(chunks)
+    try:
+      body = json.loads(raw)
+    except ValueError as e:
+      return await _send(send, 400, _error_body(f"request body is not valid JSON: {e}",
+                                                "json_invalid"))
+    if isinstance(body, dict):
+      body, problem = rewrite_chat_request(body, self.logits_all)
+      if problem:
+        return await _send(send, 400, _error_body(problem, "unsupported_parameter"))
+      raw = json.dumps(body).encode()
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(raw)).encode()))
+    sent = False
+
+    async def replay():
+      nonlocal sent
+      if not sent:
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+      return await receive()
+
+    return await self.inner({**scope, "headers": headers}, replay, send)
+
+
+async def _send(send, status: int, body: bytes) -> None:
+  await send({"type": "http.response.start", "status": status,
+              "headers": [(b"content-type", b"application/json"),
+                          (b"content-length", str(len(body)).encode())]})
+  await send({"type": "http.response.body", "body": body})
+
+
+def build_app(model_path: pathlib.Path, served_name: str, *, n_ctx: int, n_threads: int,
+              n_batch: int, logits_all: bool, chat_format: str | None, api_key: str | None,
+              verbose: bool):
+  """llama-cpp-python's FastAPI app (model loaded) behind the shim."""
+  try:
+    from llama_cpp.server.app import create_app  # noqa: PLC0415
+    from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: PLC0415
+  except ImportError as e:
+    raise SystemExit(f"llama-cpp-python[server] is not installed ({e}): see the header of "
+                     "requirements-llamacpp.txt for the build command") from e
+  # Every field named: pydantic-settings would otherwise fill them from $MODEL, $N_CTX, ...
+  model_settings = ModelSettings(
+      model=str(model_path), model_alias=served_name, n_gpu_layers=0, n_ctx=n_ctx,
+      n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, n_threads_batch=n_threads,
+      logits_all=logits_all, chat_format=chat_format, verbose=verbose, cache=False)
+  server_settings = ServerSettings(host="127.0.0.1", port=0, api_key=api_key,
+                                   interrupt_requests=False)
+  return Shim(create_app(server_settings=server_settings, model_settings=[model_settings]),
+              logits_all)
+
+
+def _die_with_parent(parent_pid: int, stop) -> None:
+  if sys.platform.startswith("linux") and os.getppid() == parent_pid:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+  def watch():
+    while True:
+      try:
+        os.kill(parent_pid, 0)
+      except ProcessLookupError:
+        print(f"parent process {parent_pid} died; stopping", flush=True)
+        stop()
+        return
+      except PermissionError:
+        pass
+      threading.Event().wait(1.0)
+
+  threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def main(argv):
+  del argv
+  # libgomp reads this when llama.cpp's libraries load, i.e. at the llama_cpp import below.
+  os.environ.setdefault("OMP_WAIT_POLICY", _OMP_WAIT.value.upper())
+  import uvicorn  # noqa: PLC0415
+  path = resolve_model(_MODEL.value)
+  api_key = _API_KEY.value or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
+  served = _SERVED_NAME.value or _MODEL.value
+  asgi = build_app(path, served, n_ctx=_N_CTX.value, n_threads=_N_THREADS.value,
+                   n_batch=_N_BATCH.value, logits_all=_LOGITS_ALL.value,
+                   chat_format=_CHAT_FORMAT.value, api_key=api_key, verbose=_VERBOSE.value)
+  sock = socket.socket(socket.AF_INET6 if ":" in _HOST.value else socket.AF_INET)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind((_HOST.value, _PORT.value))
+  host, port = sock.getsockname()[:2]
+  server = uvicorn.Server(uvicorn.Config(asgi, log_level=_LOG_LEVEL.value, lifespan="off",
+                                         timeout_graceful_shutdown=30))
+  if _PARENT_PID.value:
+    _die_with_parent(_PARENT_PID.value, lambda: setattr(server, "should_exit", True))
+  url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+  print(f"llama.cpp simulator {served} ({path.name}) serving at {url}/v1 "
+        f"(n_ctx={_N_CTX.value}, threads={_N_THREADS.value}, logits_all={_LOGITS_ALL.value}, "
+        f"api_key={'on' if api_key else 'off'}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        "one request at a time)", flush=True)
+  server.run(sockets=[sock])
+  print("simulator stopped", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
