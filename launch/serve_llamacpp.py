@@ -1,6 +1,6 @@
 """Serves a GGUF with llama-cpp-python's OpenAI-compatible server, shaped for SimulatorClient.
 
-  python launch/serve_llamacpp.py --model qwen25-coder-0.5b|FILE.gguf [--host 127.0.0.1]
+  python launch/serve_llamacpp.py --model qwen2.5-coder-0.5b|FILE.gguf [--host 127.0.0.1]
       [--port 8000] [--n_ctx 4096] [--n_threads 2] [--logits_all] [--api_key KEY]
       [--parent_pid PID]
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from absl import app, flags  # noqa: E402
 
 _MODEL = flags.DEFINE_string(
-    "model", "qwen25-coder-0.5b", "A .gguf file, or 'qwen25-coder-0.5b' / 'qwen25-coder-1.5b' "
+    "model", "qwen2.5-coder-0.5b", "A .gguf file, or 'smollm2' / 'qwen2.5-coder-0.5b' / 'qwen2.5-coder-1.5b' "
     "(trustee_jax.models.packaged).")
 _SERVED_NAME = flags.DEFINE_string("served_model_name", None, "Model name in replies and "
                                    "/v1/models (default: --model).")
@@ -75,7 +75,6 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "llama.cpp's own logging (timings
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
                                "uvicorn's log level.")
 
-PACKAGED = {"qwen25-coder-0.5b": "0.5b", "qwen25-coder-1.5b": "1.5b"}
 # OpenAI's (and SGLang's) sampling defaults where llama-cpp-python's differ.
 OPENAI_DEFAULTS = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
 _CHAT_PATH = "/v1/chat/completions"
@@ -83,13 +82,13 @@ _MAX_BODY = 64 << 20
 
 
 def resolve_model(model: str) -> pathlib.Path:
-  """A packaged model name or a .gguf path -> the GGUF file."""
-  if model in PACKAGED:
-    from trustee_jax.models import packaged  # noqa: PLC0415
-    return pathlib.Path(packaged.qwen25_coder_gguf_path(PACKAGED[model]))
+  """A packaged model name (verified before use) or a .gguf path -> the GGUF file."""
+  from trustee_jax.models import loading  # noqa: PLC0415
+  if model in loading.PACKAGED:
+    return loading.gguf_path(model)
   path = pathlib.Path(model)
   if not path.is_file():
-    raise FileNotFoundError(f"--model {model!r} is neither {sorted(PACKAGED)} nor a file")
+    raise FileNotFoundError(f"--model {model!r} is neither one of {loading.PACKAGED} nor a file")
   return path
 
 

@@ -33,9 +33,10 @@ def main(argv):
   shape = tuple(cfg.get("mesh", {}).get("shape", ()) or ())
   print(f"policy mesh (data, fsdp, tensor): {shape or 'none (one device)'}", flush=True)
   last = train.train(cfg, workdir)
+  from trustee_jax.train_logging import step_table
   print("\n== trustee-jax run finished ==")
-  for key in ("reward/mean", "reward/success_rate", "curriculum/level", "train/loss",
-              "train/kl_mean", "train/entropy_mean"):
+  print(step_table(workdir / "tb"))
+  for key in ("train/loss", "train/kl_mean", "train/entropy_mean"):
     if key in last:
       print(f"  {key:24s} {last[key]:.4f}")
   print(f"  checkpoints   {workdir / 'checkpoints'}")

@@ -22,8 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
                                             unstack_layers=True))
 
   # The frozen LM world. mode: embedded (a server this run starts) | url (SGLang) | doubles.
+  # backend (embedded only): jax (serve_simulator.py) | llamacpp (`processes` 1-thread servers).
   c.simulator = ml_collections.ConfigDict(dict(
-      mode="embedded", urls=(), api_key="", model="smollm2", tokenizer="", port=0,  # 0: any free port
+      mode="embedded", backend="jax", processes=1, dtype="",
+      urls=(), api_key="", model="smollm2", tokenizer="", port=0,  # 0: any free port
       num_slots=16, cache_len=4096, timeout_s=120.0, max_retries=3, max_concurrency=16,
       startup_timeout_s=600.0, log_dir="."))
   c.world = ml_collections.ConfigDict()

@@ -91,9 +91,37 @@ class RunLogger:
     self.writer.close()
 
 
-def scalar_steps(tb_dir: str | pathlib.Path, tag: str) -> list[int]:
-  """Steps at which `tag` was written (read back with tensorboard's event reader)."""
+def scalar_series(tb_dir: str | pathlib.Path, tags) -> dict[str, dict[int, float]]:
+  """step -> value of each of `tags` that was written (read back with tensorboard's reader)."""
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
   acc.Reload()
-  return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+  have = set(acc.Tags()["scalars"])
+  return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in have}
+
+
+def scalar_steps(tb_dir: str | pathlib.Path, tag: str) -> list[int]:
+  """Steps at which `tag` was written."""
+  return sorted(scalar_series(tb_dir, [tag]).get(tag, {}))
+
+
+SUMMARY_COLUMNS = (("reward/mean", "reward"), ("reward/success_rate", "success"),
+                   ("episodes/with_valid_tool_call", "valid call"),
+                   ("reward/zero_variance_groups", "groups w/ signal"),
+                   ("train/nonzero_advantage_frac", "A != 0"), ("curriculum/level", "level"))
+
+
+def step_table(tb_dir: str | pathlib.Path) -> str:
+  """One line per step for the terminal: reward, success, share of episodes with a valid tool
+  call, share of groups whose rewards differ (so GRPO has a signal), non-zero advantages, level."""
+  series = scalar_series(tb_dir, [t for t, _ in SUMMARY_COLUMNS])
+  steps = sorted(series.get("reward/mean", {}))
+  lines = ["  step " + " ".join(f"{name:>16s}" for _, name in SUMMARY_COLUMNS)]
+  for step in steps:
+    cells = []
+    for tag, _ in SUMMARY_COLUMNS:
+      v = series.get(tag, {}).get(step)
+      v = 1.0 - v if v is not None and tag == "reward/zero_variance_groups" else v
+      cells.append(f"{v:16.3f}" if v is not None else f"{'-':>16s}")
+    lines.append(f"  {step:4d} " + " ".join(cells))
+  return "\n".join(lines)

@@ -18,16 +18,17 @@ from trustee_jax.rollout import World
 from trustee_jax.simulator import doubles, judge, tasks, tools, tools_pool, user
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient
 
-LAUNCHER = pathlib.Path(__file__).resolve().parent.parent / "launch" / "serve_simulator.py"
+LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
 
 
 class SimWorld(World):
   """The roles plus task generation, simulator counters, and clean shutdown."""
 
   def __init__(self, generator, user_sim, tool_sim, judge_sim, pool, *, client=None,
-               server: subprocess.Popen | None = None):
+               servers: list[subprocess.Popen] | None = None):
     super().__init__(user=user_sim, tools=tool_sim, judge=judge_sim)
-    self.generator, self.pool, self.client, self.server = generator, pool, client, server
+    self.generator, self.pool, self.client = generator, pool, client
+    self.servers = list(servers or [])
     self.counters: collections.Counter = collections.Counter()
 
   async def make_tasks(self, knobs_list, seed: int) -> list[tasks.Task]:
@@ -54,19 +55,50 @@ class SimWorld(World):
   async def aclose(self) -> None:
     if self.client is not None:
       await self.client.aclose()
-    stop_server(self.server)
+    for server in self.servers:
+      stop_server(server)
 
 
-def start_embedded_server(sim_cfg) -> tuple[str, subprocess.Popen]:
-  """Starts launch/serve_simulator.py on 127.0.0.1; it gets SIGTERM if this process dies."""
-  port = int(sim_cfg.port) or free_port()
-  cmd = [sys.executable, str(LAUNCHER), f"--model={sim_cfg.model}", "--host=127.0.0.1",
-         f"--port={port}", f"--num_slots={sim_cfg.num_slots}", f"--cache_len={sim_cfg.cache_len}",
-         f"--parent_pid={os.getpid()}"]
+def start_embedded_servers(sim_cfg) -> tuple[tuple[str, ...], list[subprocess.Popen]]:
+  """Starts the run's own simulator on 127.0.0.1: one JAX server (`simulator.backend="jax"`) or
+  `simulator.processes` llama.cpp servers of one thread each ("llamacpp"; each serves one
+  request at a time, so several spread the load); each gets SIGTERM if this process dies."""
+  backend = sim_cfg.get("backend", "jax")
+  if backend == "jax":
+    url, proc = start_embedded_server(sim_cfg, _jax_server_cmd(sim_cfg, sim_cfg.get("port", 0)))
+    return (url,), [proc]
+  if backend != "llamacpp":
+    raise ValueError(f"unknown simulator.backend {backend!r}: jax | llamacpp")
+  started: list[tuple[str, subprocess.Popen]] = []
+  try:
+    for _ in range(int(sim_cfg.get("processes", 1))):
+      started.append(start_embedded_server(sim_cfg, [
+          sys.executable, str(LAUNCH_DIR / "serve_llamacpp.py"), f"--model={sim_cfg.model}",
+          "--host=127.0.0.1", f"--n_ctx={sim_cfg.cache_len}", "--n_threads=1",
+          f"--parent_pid={os.getpid()}"]))
+  except BaseException:
+    for _, proc in started:
+      stop_server(proc)
+    raise
+  return tuple(u for u, _ in started), [p for _, p in started]
+
+
+def _jax_server_cmd(sim_cfg, port: int) -> list[str]:
+  cmd = [sys.executable, str(LAUNCH_DIR / "serve_simulator.py"), f"--model={sim_cfg.model}",
+         "--host=127.0.0.1", f"--num_slots={sim_cfg.num_slots}",
+         f"--cache_len={sim_cfg.cache_len}", f"--parent_pid={os.getpid()}"]
   if sim_cfg.get("tokenizer"):
     cmd.append(f"--tokenizer={sim_cfg.tokenizer}")
   if sim_cfg.get("dtype"):
     cmd.append(f"--dtype={sim_cfg.dtype}")
+  return cmd + ([f"--port={port}"] if port else [])
+
+
+def start_embedded_server(sim_cfg, cmd: list[str]) -> tuple[str, subprocess.Popen]:
+  """Runs one server command (a free port added unless it names one) until /health answers."""
+  if not any(a.startswith("--port=") for a in cmd):
+    cmd = [*cmd, f"--port={free_port()}"]
+  port = int(next(a for a in cmd if a.startswith("--port=")).split("=", 1)[1])
   log = open(pathlib.Path(sim_cfg.get("log_dir", ".")) / "simulator_server.log", "ab")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
@@ -110,10 +142,9 @@ async def build_world(cfg) -> SimWorld:
     return SimWorld(doubles.TaskGeneratorDouble(), doubles.UserDouble(),
                     doubles.ToolDouble(cfg.rollout.max_parallel_calls), doubles.JudgeDouble(),
                     doubles.double_pool())
-  server = None
+  servers = []
   if sim.mode == "embedded":
-    url, server = await asyncio.to_thread(start_embedded_server, sim)
-    urls = (url,)
+    urls, servers = await asyncio.to_thread(start_embedded_servers, sim)
   elif sim.mode == "url":
     urls = tuple(sim.urls)
   else:
@@ -126,4 +157,4 @@ async def build_world(cfg) -> SimWorld:
           if w.get("tool_pool") else tools_pool.load_shipped_pool())
   roles = (tasks.TaskGenerator(client, w.task.to_dict()), user.UserSimulator(client, w.user.to_dict()),
            tools.ToolSimulator(client, w.tools.to_dict()), judge.Judge(client, w.judge.to_dict()))
-  return SimWorld(*roles, pool, client=client, server=server)
+  return SimWorld(*roles, pool, client=client, servers=servers)

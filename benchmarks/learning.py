@@ -1,0 +1,136 @@
+"""Does the loop learn? The real training path, a fixed budget, and two negative controls.
+
+  python benchmarks/learning.py [--steps 5] [--policies qwen2.5-coder-0.5b,smollm2]
+                                [--arms run,negate_advantages,permute_rewards] [--out runs/learning]
+
+Each (policy, arm) is one `launch/train.py --config configs/learning.py` run in its own process
+and workdir: chat template, engine rollouts, Hermes tool-call parsing, the rule-checked home world,
+its judge, the curriculum, GRPO and Orbax, all as a user runs them. The arms share steps, seeds
+and tasks; they differ only in `train.control`: "" (the run), "negate_advantages" (every
+advantage's sign flipped) and "permute_rewards" (the step's rewards shuffled across its episodes).
+Validation is greedy on a fixed held-out set at a fixed level, before training and every
+`validation.every` steps, never trained on.
+
+Reads each run's TensorBoard events back, writes a PNG of the curves (`--plot`), and prints one
+JSON object last: per-step reward, success, level and zero-variance share, validation success
+before and after, wall time, and whether the claims hold (held-out success up by at least 0.3,
+level up by at least 3 curriculum steps, both controls within noise of their start).
+"""
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trustee_jax.train_logging import scalar_series  # noqa: E402
+TAGS = ("reward/mean", "reward/success_rate", "curriculum/level", "reward/zero_variance_groups",
+        "episodes/with_valid_tool_call", "episodes/untagged_tool_calls", "train/loss",
+        "train/advantage_abs_mean", "train/nonzero_advantage_frac", "val/success_rate",
+        "val/reward_mean", "time/rollout", "time/update")
+
+
+def run_arm(policy: str, arm: str, steps: int, out: pathlib.Path, extra: list[str]) -> dict:
+  """One training run of `launch/train.py` in a fresh workdir; its curves and wall time."""
+  workdir = out / policy / (arm or "run")
+  if workdir.exists():
+    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+  cmd = [sys.executable, str(REPO / "launch" / "train.py"),
+         f"--config={REPO / 'configs' / 'learning.py'}:{policy}", f"--workdir={workdir}",
+         f"--config.train.steps={steps}", f"--config.train.control={arm}", *extra]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  (out / policy).mkdir(parents=True, exist_ok=True)
+  (out / policy / f"{arm or 'run'}.log").write_text(proc.stdout + proc.stderr)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{policy}/{arm or 'run'} exited {proc.returncode}:\n"
+                       f"{(proc.stdout + proc.stderr)[-3000:]}")
+  return {"wall_s": round(wall, 1), "curves": scalar_series(workdir / "tb", TAGS)}
+
+
+def summary(arm: dict, level_step: int) -> dict:
+  """The figures the claims are read from."""
+  c = arm["curves"]
+  val = c.get("val/success_rate", {})
+  steps = sorted(c.get("reward/mean", {}))
+  levels = c.get("curriculum/level", {})
+  zero_var = c.get("reward/zero_variance_groups", {})
+  return {
+      "val_success_before": val.get(0), "val_success_after": val[max(val)] if val else None,
+      "val_success": [val[s] for s in sorted(val)], "val_steps": sorted(val),
+      "reward_mean": [round(c["reward/mean"][s], 3) for s in steps],
+      "success": [round(c.get("reward/success_rate", {}).get(s, float("nan")), 3) for s in steps],
+      "level": [levels.get(s) for s in steps],
+      "level_climb_steps": ((max(levels.values()) - 1) / level_step) if levels else 0,
+      "zero_variance_groups": [round(zero_var.get(s, float("nan")), 3) for s in steps],
+      "steps_with_signal": sum(zero_var.get(s, 1.0) < 1.0 for s in steps), "steps": len(steps),
+      "wall_s": arm["wall_s"]}
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+  """Validation success, training success and curriculum level, one column per policy."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  policies = list(results)
+  fig, axes = plt.subplots(3, len(policies), figsize=(5 * len(policies), 9), squeeze=False)
+  for col, policy in enumerate(policies):
+    for arm, data in results[policy].items():
+      c = data["curves"]
+      for row, tag in enumerate(("val/success_rate", "reward/success_rate", "curriculum/level")):
+        series = c.get(tag, {})
+        axes[row][col].plot(sorted(series), [series[s] for s in sorted(series)], marker="o",
+                            label=arm or "run")
+        axes[row][col].set_title(f"{policy}: {tag}")
+        axes[row][col].set_xlabel("step")
+    axes[0][col].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--policies", default="qwen2.5-coder-0.5b")
+  p.add_argument("--arms", default="run,negate_advantages,permute_rewards")
+  p.add_argument("--out", default=str(REPO / "runs" / "learning"))
+  p.add_argument("--plot", default=str(REPO / "benchmarks" / "learning.png"))
+  p.add_argument("--level_step", type=int, default=3, help="the curriculum's step size")
+  p.add_argument("overrides", nargs="*", help="extra --config.* flags for every run")
+  args = p.parse_args()
+  out = pathlib.Path(args.out)
+  arms = ["" if a == "run" else a for a in args.arms.split(",")]
+  results: dict[str, dict[str, dict]] = {}
+  for policy in args.policies.split(","):
+    results[policy] = {}
+    for arm in arms:
+      print(f"== {policy} / {arm or 'run'}: {args.steps} steps", flush=True)
+      results[policy][arm or "run"] = run_arm(policy, arm, args.steps, out, args.overrides)
+      s = summary(results[policy][arm or "run"], args.level_step)
+      print(json.dumps({k: s[k] for k in ("val_success", "success", "level", "wall_s")}),
+            flush=True)
+  plot(results, pathlib.Path(args.plot))
+  report = {"steps": args.steps, "plot": args.plot, "policies": {}}
+  for policy, by_arm in results.items():
+    rows = {arm: summary(data, args.level_step) for arm, data in by_arm.items()}
+    run = rows.get("run")
+    claims = {}
+    if run and run["val_success_before"] is not None:
+      rise = run["val_success_after"] - run["val_success_before"]
+      claims["val_success_rise"] = round(rise, 3)
+      claims["val_rises_0.3"] = rise >= 0.3
+      claims["level_climbs_3_steps"] = run["level_climb_steps"] >= 3
+      claims["signal_in_most_steps"] = run["steps_with_signal"] > run["steps"] / 2
+      for arm, row in rows.items():
+        if arm != "run" and row["val_success_before"] is not None:
+          claims[f"{arm}_val_change"] = round(row["val_success_after"] - row["val_success_before"], 3)
+    report["policies"][policy] = {"arms": rows, "claims": claims}
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()

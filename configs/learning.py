@@ -1,0 +1,46 @@
+"""The learning benchmark's run (benchmarks/learning.py): a pretrained CPU policy in the
+rule-checked home world, where success is checked from the ledger, on 2 CPU cores.
+
+  python launch/train.py --config configs/learning.py:qwen2.5-coder-0.5b --workdir runs/learn
+
+The argument names the policy (`qwen2.5-coder-0.5b`, the default, or `smollm2`). The curriculum
+climbs faster than the reference's (its multipliers reach the hard tasks by level 40, not 100) so
+that a short run crosses several difficulties; validation is greedy on 12 fixed held-out tasks at
+level 20 (3 tools offered, a value the user gives only when asked), before training and at the end.
+"""
+import ml_collections
+
+from trustee_jax.default_config import default_config
+
+POLICIES = ("qwen2.5-coder-0.5b", "smollm2")
+
+
+def get_config(policy: str = "qwen2.5-coder-0.5b"):
+  if policy not in POLICIES:
+    raise ValueError(f"configs/learning.py takes a policy in {POLICIES}, got {policy!r}")
+  c = default_config()
+  c.model.update(name=policy, tokenizer=policy)
+  c.engine.update(num_slots=8, cache_len=768)
+  c.simulator.mode = "doubles"
+  c.rollout.update(group_size=4, max_turn_tokens=64, max_episode_tokens=768,
+                   accept_untagged_calls=True)
+  c.curriculum.update(level_max=40, min_turns=2, epsilon=0.3, multipliers={
+      "num_tools": 0.15, "num_expected_calls": 0.05, "persona_level": 0.05,
+      "ambiguity_level": 0.05, "expected_turns": 0.03, "system_prompt_level": 0.05,
+      "num_criteria": 0.0, "max_user_turns": 0.0, "max_assistant_turns": 0.0,
+      "max_tool_turns": 0.0}, caps={"num_tools": 6, "num_expected_calls": 2})
+  c.model.remat_policy = "none"  # micro-batches of 2 x 768 tokens fit without recomputation
+  c.train.update(steps=5, tasks_per_step=2, updates_per_step=1, micro_batch=2,
+                 length_buckets=(384, 512, 640, 768))
+  # LoRA over a frozen f32 base: a full fine-tune of the 0.5B (separate 136M-parameter head
+  # included) holds params, gradients and two Adam moments, 15 GB with the engine's copies.
+  c.lora = ml_collections.ConfigDict(dict(enabled=True, rank=16, alpha=32.0,
+                                          sampler_weights="merged"))
+  c.train.optimizer.update(learning_rate=5e-5)
+  c.grpo.kl_beta = 0.0  # no reference forward pass: a 2-core budget
+  c.validation.update(every=5, num_tasks=12, samples=1, temperature=0.0, top_p=1.0, top_k=0,
+                      level=20)
+  c.checkpoint.update(every=5, keep=1)
+  c.log.update(episodes_per_log=16)
+  c.progress_bar = False
+  return c
