@@ -21,8 +21,8 @@ def get_config():
   c.simulator.update(mode="embedded", backend="llamacpp", processes=2,
                      model="qwen2.5-coder-0.5b", cache_len=2048, max_concurrency=8,
                      timeout_s=300.0)
-  c.world.task.update(max_tokens=320, hidden_facts=False, initial_state=False,
-                      expected_arguments=True)
+  c.world.task.update(max_tokens=384, hidden_facts=True, initial_state=False,
+                      expected_arguments=True, unsaid_values="facts")
   # Short simulator replies: the JSON limits fit max_tokens, so replies are not cut and re-asked.
   c.world.user.update(max_tokens=160, max_thought_chars=120, max_response_chars=200)
   c.world.tools.update(max_tokens=160, max_result_chars=256, max_notes_chars=120)

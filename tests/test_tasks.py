@@ -298,3 +298,17 @@ def test_system_prompt_levels():
   assert not any(n in p for n in NAMES for p in prompts[1:])
   with pytest.raises(ValueError):
     system_prompt(4, TOOLS)
+
+
+def test_unsaid_values_become_hidden_facts_when_configured():
+  unsaid = [{"name": "add_to_cart", "arguments": {"product_id": "K-999", "quantity": 3}}, CALLS[1]]
+  raw = reply(expected_calls=unsaid)
+  fixed = tl.with_unsaid_values_as_facts(raw, TOOLS)
+  assert fixed["hidden_facts"] == [*raw.get("hidden_facts", []),
+                                   "For add_to_cart: product id is K-999, quantity is 3."]
+  said = [fixed["user_intent"], fixed["first_user_query"], *fixed["hidden_facts"]]
+  assert tl.call_problems(unsaid, TOOLS, said) == []  # every expected value is now given
+  assert tl.with_unsaid_values_as_facts(reply(), TOOLS)["hidden_facts"] == reply().get(
+      "hidden_facts", [])  # nothing unsaid, nothing added
+  with pytest.raises(ValueError, match="unsaid_values"):
+    tl.TaskGenConfig(unsaid_values="ignore")

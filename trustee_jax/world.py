@@ -2,6 +2,7 @@
 embedded server, started here as a child process that dies with us), or the rule-based doubles."""
 import asyncio
 import collections
+import logging
 import os
 import pathlib
 import signal
@@ -35,6 +36,8 @@ class SimWorld(World):
     """One task per knobs, tools sampled from the pool; failures are counted, never padded."""
     requests = tasks.sample_requests(self.pool, knobs_list, np.random.default_rng(seed))
     batch = await self.generator.generate_batch(requests)
+    for index, reason in batch.failures:  # loud: why a task is missing, not only how many
+      logging.warning("task %d not generated: %s", index, reason[:2000])
     self.counters["tasks/failed"] += len(batch.failures)
     self.counters["tasks/generated"] += len(batch.tasks)
     return batch.tasks

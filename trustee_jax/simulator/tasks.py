@@ -79,6 +79,9 @@ class TaskGenConfig:
   calls_slack: int = 0  # expected_tool_calls may have num_expected_calls +- slack items
   expected_arguments: bool = True  # expected_calls with arguments (off = the reference's names)
   chars_per_call: int = 80  # token budget reserved per expected call's arguments
+  # An expected value that nobody states: "reject" the task, or add it to the hidden facts the
+  # user gives when asked ("facts": small generators pick sensible values but forget to say them).
+  unsaid_values: str = "reject"
   max_tokens: int | None = 1024
   chars_per_token: float = 3.0
   max_intent_chars: int = 600
@@ -92,6 +95,11 @@ class TaskGenConfig:
   top_p: float | None = None
   frequency_penalty: float | None = None
   chat_template_kwargs: dict[str, Any] | None = None
+
+  def __post_init__(self):
+    if self.unsaid_values not in ("reject", "facts"):
+      raise ValueError(f"world.task.unsaid_values must be 'reject' or 'facts', "
+                       f"got {self.unsaid_values!r}")
 
 
 def config_from(cls: type, cfg: Any) -> Any:
@@ -242,6 +250,26 @@ def call_problems(calls: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[st
     if unsaid:
       problems.append(f"expected_calls[{i}] {name}: values nobody gives {unsaid[:3]}")
   return problems
+
+
+def with_unsaid_values_as_facts(raw: Mapping[str, Any], tools: Sequence[Mapping[str, Any]]
+                                ) -> dict[str, Any]:
+  """`raw` with one more hidden fact per expected call whose argument values nobody states
+  ("For set_alarm: time is 07:30."), so the user simulator knows what the judge expects."""
+  texts = [str(raw.get(k, "")) for k in ("user_intent", "first_user_query")]
+  texts += [str(f) for f in raw.get("hidden_facts") or []]
+  said = f" {'  '.join(normalise_query(t) for t in texts)} "
+  fns = {tools_pool.tool_name(t): tools_pool.function_of(t) for t in tools}
+  facts = list(raw.get("hidden_facts") or [])
+  for call in raw.get("expected_calls") or []:
+    props = (_arguments_schema(fns[call["name"]]).get("properties") or {})
+    parts = [f"{k.replace('_', ' ')} is {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+             for k, v in call["arguments"].items()
+             if any(f" {normalise_query(str(x))} " not in said
+                    for x in _leaf_values(v, props.get(k)))]
+    if parts:
+      facts.append(f"For {call['name']}: {', '.join(parts)}.")
+  return {**raw, "hidden_facts": facts}
 
 
 def task_problems(raw: Any, schema: dict[str, Any], tool_names: Sequence[str],
@@ -401,6 +429,9 @@ class TaskGenerator:
       raw = await self.client.chat_json(messages, schema, role="task", seed=s,
                                         **sampling_kwargs(self.cfg))
       problems = task_problems(raw, schema, names, tools)
+      if problems and self.cfg.unsaid_values == "facts" and all(
+          "values nobody gives" in p for p in problems):
+        raw, problems = with_unsaid_values_as_facts(raw, tools), []
       if not problems:
         return make_task(raw, category=category, tools=tools, knobs=kn, seed=seed)
       failures.append(f"attempt {attempt + 1} (seed {s}): {'; '.join(problems)}")
