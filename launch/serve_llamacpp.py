@@ -44,6 +44,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -92,6 +93,25 @@ def resolve_model(model: str) -> pathlib.Path:
   return path
 
 
+MAX_GRAMMAR_REPEAT = 8
+
+
+def grammar_schema(schema: Any) -> Any:
+  """The schema as its GBNF grammar can hold it: without string `maxLength` and with no
+  `maxItems` above MAX_GRAMMAR_REPEAT. llama.cpp unrolls a bounded repetition into nested
+  rules and, past its limit ("number of rules ... exceeds sane defaults"), fails to parse the
+  grammar and then crashes the process while sampling (seen with the task schema's 266-char
+  intent). The client still validates every reply against the full schema (and re-asks), and
+  max_tokens bounds the length."""
+  if isinstance(schema, list):
+    return [grammar_schema(v) for v in schema]
+  if not isinstance(schema, dict):
+    return schema
+  return {k: grammar_schema(v) for k, v in schema.items()
+          if not (k == "maxLength" or (k == "maxItems" and isinstance(v, int)
+                                       and v > MAX_GRAMMAR_REPEAT))}
+
+
 def rewrite_chat_request(body: dict, logits_all: bool) -> tuple[dict | None, str | None]:
   """The request as llama-cpp-python needs it, or (None, message) for a 400."""
   body = dict(body)
@@ -102,7 +122,7 @@ def rewrite_chat_request(body: dict, logits_all: bool) -> tuple[dict | None, str
   if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
     spec = fmt.get("json_schema") or {}
     schema = spec.get("schema") if isinstance(spec, dict) else None
-    body["response_format"] = ({"type": "json_object", "schema": schema}
+    body["response_format"] = ({"type": "json_object", "schema": grammar_schema(schema)}
                                if isinstance(schema, dict) else {"type": "json_object"})
   if body.get("logprobs"):
     if not logits_all:

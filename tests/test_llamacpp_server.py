@@ -113,3 +113,42 @@ def test_n_above_one_is_refused(server):
   with pytest.raises(SimulatorError) as err:
     asyncio.run(go())
   assert err.value.cause == "http_4xx" and "n=2" in err.value.message
+
+
+def test_a_long_task_schema_is_served_not_crashed_on(server):
+  """The task generator's schema (strings up to hundreds of characters, an anyOf of the sampled
+  tools' parameters) made llama.cpp's grammar parser give up and the process segfault; the shim
+  hands it a grammar without length bounds and the client validates the reply in full."""
+  from trustee_jax.simulator import tasks, tools_pool  # noqa: PLC0415
+  pool = tools_pool.load_shipped_pool()
+  category = sorted(pool)[0]
+  tools = [t for toolset in pool[category].values() for t in toolset][:2]
+  names = [tools_pool.tool_name(t) for t in tools]
+  schema = tasks.task_schema(names, 2, tasks.TaskGenConfig(max_tokens=384), tools)
+  assert any(p.get("maxLength", 0) > 100 for p in schema["properties"].values()
+             if isinstance(p, dict))
+  messages = [{"role": "user", "content": "Write one task for a support agent as JSON."}]
+
+  async def go():
+    async with _client(server) as client:
+      try:
+        await client.chat_json(messages, schema, role="task", seed=3, temperature=0.0,
+                               max_tokens=384)
+      except SimulatorError as e:  # an invalid reply after re-asks is fine; a dead server is not
+        assert e.cause != "connect", e
+
+  asyncio.run(go())
+  assert httpx.get(server + "/health", timeout=10).status_code == 200  # still serving
+
+
+def test_grammar_schema_drops_only_long_bounds():
+  sys.path.insert(0, str(ROOT / "launch"))
+  import serve_llamacpp  # noqa: PLC0415
+  schema = {"type": "object", "properties": {
+      "a": {"type": "string", "minLength": 1, "maxLength": 300},
+      "b": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 5}},
+      "c": {"type": "array", "maxItems": 50, "items": {"type": "integer"}}}}
+  assert serve_llamacpp.grammar_schema(schema) == {"type": "object", "properties": {
+      "a": {"type": "string", "minLength": 1},
+      "b": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
+      "c": {"type": "array", "items": {"type": "integer"}}}}
