@@ -29,7 +29,6 @@ def get_config(policy: str = "qwen2.5-coder-0.5b"):
       "ambiguity_level": 0.05, "expected_turns": 0.03, "system_prompt_level": 0.05,
       "num_criteria": 0.0, "max_user_turns": 0.0, "max_assistant_turns": 0.0,
       "max_tool_turns": 0.0}, caps={"num_tools": 6, "num_expected_calls": 2})
-  c.model.remat_policy = "none"  # micro-batches of 2 x 768 tokens fit without recomputation
   c.train.update(steps=5, tasks_per_step=2, updates_per_step=1, micro_batch=2,
                  length_buckets=(384, 512, 640, 768))
   # LoRA over a frozen f32 base: a full fine-tune of the 0.5B (separate 136M-parameter head

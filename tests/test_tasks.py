@@ -312,3 +312,26 @@ def test_unsaid_values_become_hidden_facts_when_configured():
       "hidden_facts", [])  # nothing unsaid, nothing added
   with pytest.raises(ValueError, match="unsaid_values"):
     tl.TaskGenConfig(unsaid_values="ignore")
+
+
+def test_a_reply_that_never_validates_is_a_failed_attempt_but_an_outage_propagates():
+  from trustee_jax.simulator.client import SimulatorError
+  errors = iter([SimulatorError("http://sim", "invalid_output", "too long after 2 re-asks")])
+
+  def answer(request):
+    err = next(errors, None)
+    if err is not None:
+      raise err
+    return reply()
+
+  client = ScriptedClient(answer)
+  task = asyncio.run(tl.TaskGenerator(client, {"max_attempts": 2}).generate(
+      Knobs(), TOOLS, "Shop", seed=5))
+  assert task.first_user_query.startswith("Hi, I want") and len(client.requests) == 2
+
+  def down(request):
+    raise SimulatorError("http://sim", "connect", "refused")
+
+  with pytest.raises(SimulatorError, match="connect"):
+    asyncio.run(tl.TaskGenerator(ScriptedClient(down), {"max_attempts": 2}).generate(
+        Knobs(), TOOLS, "Shop", seed=5))

@@ -19,6 +19,7 @@ import jsonschema
 import numpy as np
 
 from trustee_jax.simulator import system_prompts
+from trustee_jax.simulator.client import SimulatorError
 from trustee_jax.simulator import tools_pool
 
 KNOB_FIELDS = ("num_tools", "num_expected_calls", "persona_level", "ambiguity_level",
@@ -426,8 +427,14 @@ class TaskGenerator:
     failures = []
     for attempt in range(self.cfg.max_attempts):
       s = derive_seed(seed, attempt)
-      raw = await self.client.chat_json(messages, schema, role="task", seed=s,
-                                        **sampling_kwargs(self.cfg))
+      try:
+        raw = await self.client.chat_json(messages, schema, role="task", seed=s,
+                                          **sampling_kwargs(self.cfg))
+      except SimulatorError as e:  # no valid JSON after the re-asks: this attempt failed;
+        if e.cause != "invalid_output":  # an unreachable simulator is not the task's fault
+          raise
+        failures.append(f"attempt {attempt + 1} (seed {s}): {e.message[:300]}")
+        continue
       problems = task_problems(raw, schema, names, tools)
       if problems and self.cfg.unsaid_values == "facts" and all(
           "values nobody gives" in p for p in problems):
