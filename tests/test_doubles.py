@@ -251,7 +251,10 @@ def test_judge_on_hand_built_episodes():
   two = gen(Knobs(num_expected_calls=2), seed=1, tools=named("set_temperature", "lock_door", "play_music"))
   missing = Chat(two)
   missing.call(calls_of(two)[0])
-  assert missing.judge().score == -1 and missing.judge().check["missing"] == 1
+  assert missing.judge().score == 0 and missing.judge().check["missing"] == 1  # partway
+  nothing = Chat(two)
+  nothing.call((calls_of(two)[0][0], {}))
+  assert nothing.judge().score == -1  # an expected tool, but no expected call made right
   both = Chat(two)
   both.call(*calls_of(two), ("get_state", {"key": "temperature"}))
   assert both.judge().score == 1

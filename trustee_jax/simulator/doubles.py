@@ -196,8 +196,10 @@ class ToolDouble:
 
 class JudgeDouble:
   """1: the final state is the wanted one, every expected setter call made right (reads allowed
-  as extras) and any value to report reported; 0: every expected tool called, but the state, an
-  argument or the report is wrong; -1: otherwise, or no tool call at all."""
+  as extras) and any value to report reported; 0: part of the way (every expected tool called
+  but the state, an argument or the report wrong; or some expected call made exactly right);
+  -1: nothing expected done right, or no tool call at all. The middle grade is DESIGN's "most
+  criteria hold" and gives a group whose episodes all fall short a signal to learn from."""
 
   async def score(self, task: tasks_lib.Task, messages: list[dict[str, Any]], num_criteria: int,
                   seed: int) -> Judgement:
@@ -210,6 +212,9 @@ class JudgeDouble:
     if not check.missing:
       why = "the value was not reported" if check.passed else "the final state or an argument is wrong"
       return Judgement(0, f"every expected tool was called, but {why}", (0,), parts)
+    if check.matched:
+      return Judgement(0, f"{check.matched} of {check.expected} expected calls made right; never "
+                       f"called: {', '.join(check.missing)}", (0,), parts)
     return Judgement(-1, f"expected tools never called: {', '.join(check.missing)}", (-1,), parts)
 
 
