@@ -1,7 +1,7 @@
 """Does the loop learn? The real training path, a fixed budget, and two negative controls.
 
   python benchmarks/learning.py [--steps 5] [--policies qwen2.5-coder-0.5b,smollm2]
-                                [--arms run,negate_advantages,permute_rewards] [--out runs/learning]
+      [--arms run,negate_advantages,permute_rewards] [--out runs/learning] [--config.X=Y ...]
 
 Each (policy, arm) is one `launch/train.py --config configs/learning.py` run in its own process
 and workdir: chat template, engine rollouts, Hermes tool-call parsing, the rule-checked home world,
@@ -100,8 +100,10 @@ def main():
   p.add_argument("--out", default=str(REPO / "runs" / "learning"))
   p.add_argument("--plot", default=str(REPO / "benchmarks" / "learning.png"))
   p.add_argument("--level_step", type=int, default=3, help="the curriculum's step size")
-  p.add_argument("overrides", nargs="*", help="extra --config.* flags for every run")
-  args = p.parse_args()
+  args, overrides = p.parse_known_args()  # the rest: --config.* flags for every run
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {bad}")
   out = pathlib.Path(args.out)
   arms = ["" if a == "run" else a for a in args.arms.split(",")]
   results: dict[str, dict[str, dict]] = {}
@@ -109,7 +111,7 @@ def main():
     results[policy] = {}
     for arm in arms:
       print(f"== {policy} / {arm or 'run'}: {args.steps} steps", flush=True)
-      results[policy][arm or "run"] = run_arm(policy, arm, args.steps, out, args.overrides)
+      results[policy][arm or "run"] = run_arm(policy, arm, args.steps, out, overrides)
       s = summary(results[policy][arm or "run"], args.level_step)
       print(json.dumps({k: s[k] for k in ("val_success", "success", "level", "wall_s")}),
             flush=True)

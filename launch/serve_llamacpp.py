@@ -16,7 +16,9 @@ a small ASGI shim in front of it closes the gaps:
     SimulatorClient.chat_json sends) is rejected there (it knows only `json_object`, with an
     optional `schema`): the shim rewrites it to `{"type": "json_object", "schema": S}`, which
     its chat handler turns into a GBNF grammar (llama_cpp.llama_grammar's converter; keys it
-    does not know, such as `x-guidance`, are ignored).
+    does not know, such as `x-guidance`, are ignored). A grammar llama.cpp cannot parse crashes
+    the process mid-request, so the shim checks it first and loosens the schema if need be
+    (`grammar_schema`).
   * `n` is silently dropped there (always one choice): the shim answers n > 1 with a 400.
   * `logprobs: true` without `top_logprobs` returns no logprobs there: the shim asks for one.
     Logprobs need --logits_all (which also computes logits for every prompt token: slower
@@ -44,6 +46,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -96,23 +99,55 @@ def resolve_model(model: str) -> pathlib.Path:
 MAX_GRAMMAR_REPEAT = 8
 
 
-def grammar_schema(schema: Any) -> Any:
-  """The schema as its GBNF grammar can hold it: without string `maxLength` and with no
-  `maxItems` above MAX_GRAMMAR_REPEAT. llama.cpp unrolls a bounded repetition into nested
-  rules and, past its limit ("number of rules ... exceeds sane defaults"), fails to parse the
-  grammar and then crashes the process while sampling (seen with the task schema's 266-char
-  intent). The client still validates every reply against the full schema (and re-asks), and
-  max_tokens bounds the length."""
+def loosened_schema(schema: Any) -> Any:
+  """`schema` without string `maxLength`, `pattern`, and `maxItems` above MAX_GRAMMAR_REPEAT:
+  what llama.cpp unrolls into nested rules until, past its limit ("number of rules ... exceeds
+  sane defaults"), it cannot parse the grammar."""
   if isinstance(schema, list):
-    return [grammar_schema(v) for v in schema]
+    return [loosened_schema(v) for v in schema]
   if not isinstance(schema, dict):
     return schema
-  return {k: grammar_schema(v) for k, v in schema.items()
-          if not (k == "maxLength" or (k == "maxItems" and isinstance(v, int)
-                                       and v > MAX_GRAMMAR_REPEAT))}
+  return {k: loosened_schema(v) for k, v in schema.items()
+          if not (k in ("maxLength", "pattern") or (k == "maxItems" and isinstance(v, int)
+                                                    and v > MAX_GRAMMAR_REPEAT))}
 
 
-def rewrite_chat_request(body: dict, logits_all: bool) -> tuple[dict | None, str | None]:
+def grammar_schema(schema: dict, parses: Callable[[dict], bool]) -> dict | None:
+  """The schema to build the reply's grammar from: `schema` when llama.cpp parses its grammar,
+  else the loosened one, else None (any JSON object). A grammar llama.cpp cannot parse is not
+  an error there: it is printed and the process crashes in the sampler (seen with a task
+  schema). The client validates every reply against the full schema anyway, and re-asks."""
+  if parses(schema):
+    return schema
+  loose = loosened_schema(schema)
+  return loose if parses(loose) else None
+
+
+class GrammarCheck:
+  """Whether llama.cpp parses a schema's GBNF grammar, checked on a vocabulary-only copy of
+  the model (no weights) before the request reaches the real one."""
+
+  def __init__(self, model_path: pathlib.Path):
+    import llama_cpp  # noqa: PLC0415
+    self._llama_cpp = llama_cpp
+    self._model = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+
+  def __call__(self, schema: dict) -> bool:
+    from llama_cpp import llama_grammar  # noqa: PLC0415
+    try:
+      gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception:  # noqa: BLE001  (the converter raises on schemas it cannot express)
+      return False
+    sampler = self._llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+    if not sampler:
+      return False
+    self._llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+def rewrite_chat_request(body: dict, logits_all: bool, parses: Callable[[dict], bool]
+                         ) -> tuple[dict | None, str | None]:
   """The request as llama-cpp-python needs it, or (None, message) for a 400."""
   body = dict(body)
   n = body.get("n")
@@ -122,8 +157,9 @@ def rewrite_chat_request(body: dict, logits_all: bool) -> tuple[dict | None, str
   if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
     spec = fmt.get("json_schema") or {}
     schema = spec.get("schema") if isinstance(spec, dict) else None
-    body["response_format"] = ({"type": "json_object", "schema": grammar_schema(schema)}
-                               if isinstance(schema, dict) else {"type": "json_object"})
+    schema = grammar_schema(schema, parses) if isinstance(schema, dict) else None
+    body["response_format"] = ({"type": "json_object", "schema": schema} if schema is not None
+                               else {"type": "json_object"})
   if body.get("logprobs"):
     if not logits_all:
       return None, "logprobs need the server started with --logits_all"
@@ -143,8 +179,8 @@ def _error_body(message: str, code: str) -> bytes:
 class Shim:
   """ASGI middleware: /health, and chat requests rewritten by `rewrite_chat_request`."""
 
-  def __init__(self, inner, logits_all: bool):
-    self.inner, self.logits_all = inner, logits_all
+  def __init__(self, inner, logits_all: bool, parses: Callable[[dict], bool]):
+    self.inner, self.logits_all, self.parses = inner, logits_all, parses
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
@@ -172,7 +208,7 @@ class Shim:
       return await _send(send, 400, _error_body(f"request body is not valid JSON: {e}",
                                                 "json_invalid"))
     if isinstance(body, dict):
-      body, problem = rewrite_chat_request(body, self.logits_all)
+      body, problem = rewrite_chat_request(body, self.logits_all, self.parses)
       if problem:
         return await _send(send, 400, _error_body(problem, "unsupported_parameter"))
       raw = json.dumps(body).encode()
@@ -215,7 +251,7 @@ def build_app(model_path: pathlib.Path, served_name: str, *, n_ctx: int, n_threa
   server_settings = ServerSettings(host="127.0.0.1", port=0, api_key=api_key,
                                    interrupt_requests=False)
   return Shim(create_app(server_settings=server_settings, model_settings=[model_settings]),
-              logits_all)
+              logits_all, GrammarCheck(model_path))
 
 
 def _die_with_parent(parent_pid: int, stop) -> None:

@@ -141,14 +141,20 @@ def test_a_long_task_schema_is_served_not_crashed_on(server):
   assert httpx.get(server + "/health", timeout=10).status_code == 200  # still serving
 
 
-def test_grammar_schema_drops_only_long_bounds():
+def test_grammar_schema_loosens_only_what_does_not_parse():
   sys.path.insert(0, str(ROOT / "launch"))
   import serve_llamacpp  # noqa: PLC0415
   schema = {"type": "object", "properties": {
-      "a": {"type": "string", "minLength": 1, "maxLength": 300},
+      "a": {"type": "string", "minLength": 1, "maxLength": 300, "pattern": "^.{1,300}$"},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 5}},
       "c": {"type": "array", "maxItems": 50, "items": {"type": "integer"}}}}
-  assert serve_llamacpp.grammar_schema(schema) == {"type": "object", "properties": {
+  loose = {"type": "object", "properties": {
       "a": {"type": "string", "minLength": 1},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
       "c": {"type": "array", "items": {"type": "integer"}}}}
+  assert serve_llamacpp.loosened_schema(schema) == loose
+  assert serve_llamacpp.grammar_schema(schema, lambda s: True) is schema
+  assert serve_llamacpp.grammar_schema(schema, lambda s: s == loose) == loose
+  assert serve_llamacpp.grammar_schema(schema, lambda s: False) is None
+  check = serve_llamacpp.GrammarCheck(_gguf())  # the real parser, on the vocabulary alone
+  assert check(schema) and check({"type": "string", "maxLength": 40})
