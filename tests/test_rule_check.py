@@ -124,3 +124,14 @@ def test_made_calls_and_turns_from_messages():
   assert [[c.name for c in t] for t in turns] == [["a", "b"], ["c", "d"]]
   assert made_calls(messages) == [ToolCall("a", {"x": 1}, "c0"), ToolCall("b", {"y": 2}, "c1"),
                                   ToolCall("c", {}, "c0"), ToolCall("d", {}, "c1")]
+
+
+def test_calls_the_backend_refused_do_not_count_as_made():
+  messages = [
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"id": "c0", "type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
+          {"id": "c1", "type": "function", "function": {"name": "b", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c0", "content": "Error: the service is down."},
+      {"role": "tool", "tool_call_id": "c1", "content": '{"ok": true}'}]
+  assert [c.name for t in made_turns(messages) for c in t] == ["a", "b"]
+  assert [[c.name for c in t] for t in made_turns(messages, succeeded_only=True)] == [["b"]]

@@ -281,7 +281,8 @@ class Judge:
     """The rule check of the episode's calls, None when the task has no expected calls."""
     if not task.expected_calls:
       return None
-    return check_calls(task.expected_calls, made_turns(messages), ordered=self.cfg.ordered,
+    return check_calls(task.expected_calls, made_turns(messages, succeeded_only=True),
+                       ordered=self.cfg.ordered,
                        allowed_extra=self.cfg.allowed_extra)
 
   def question_prompts(self, task: Task, messages: list[dict[str, Any]],

@@ -87,12 +87,22 @@ def arguments_match(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> b
                                               for k, v in expected.items())
 
 
-def made_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[ToolCall]]:
-  """The assistant's tool calls per turn that made any, arguments decoded (undecodable as {})."""
+ERROR_PREFIX = "Error"  # how the tool simulator and the doubles answer a call that failed
+
+
+def made_turns(messages: Sequence[Mapping[str, Any]], *, succeeded_only: bool = False
+               ) -> list[list[ToolCall]]:
+  """The assistant's tool calls per turn that made any, arguments decoded (undecodable as {});
+  with `succeeded_only`, without the calls whose tool result is an error (a call the backend
+  refused did not happen, however right its arguments look)."""
+  failed = {str(m.get("tool_call_id")) for m in messages if m.get("role") == "tool"
+            and str(m.get("content") or "").startswith(ERROR_PREFIX)} if succeeded_only else set()
   turns = []
   for m in messages:
     calls = []
     for c in (m.get("tool_calls") or []) if m.get("role") == "assistant" else []:
+      if str(c.get("id", "")) in failed:
+        continue
       fn = c.get("function", {})
       args = fn.get("arguments", {})
       try:
