@@ -476,3 +476,16 @@ def _alive(pid: int) -> bool:
     return False
   return pathlib.Path(f"/proc/{pid}/status").exists() and "zombie" not in pathlib.Path(
       f"/proc/{pid}/status").read_text()
+
+
+def test_logprobs_under_a_json_schema_are_finite(client):
+  """Tokens the grammar masks have logprob -inf, which JSON cannot carry (it was a 500): they
+  come back as OpenAI's -9999."""
+  reply = client.chat.completions.create(
+      model="m", max_tokens=30, temperature=0, logprobs=True, top_logprobs=5,
+      messages=[{"role": "user", "content": "Rate the movie Up from 1 to 5, in JSON."}],
+      response_format={"type": "json_schema",
+                       "json_schema": {"name": "verdict", "schema": VERDICT}})
+  entries = reply.choices[0].logprobs.content
+  values = [t.logprob for e in entries for t in e.top_logprobs] + [e.logprob for e in entries]
+  assert values and all(-9999.0 <= v <= 0 for v in values)

@@ -27,6 +27,9 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TEMPLATE_KWARGS = frozenset({"enable_thinking"})
 
 
+
+MASKED_LOGPROB = -9999.0  # what OpenAI reports for a token that could not be sampled
+
 class APIError(Exception):
   """A request the server refuses, with its HTTP status and OpenAI error fields."""
 
@@ -248,6 +251,8 @@ class Protocol:
 
   def _token(self, token_id: int, logprob: float) -> sm.TopLogprob:
     raw = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
+    # A token the grammar masked has logprob -inf, which JSON cannot carry: OpenAI's -9999.
+    logprob = max(float(logprob), MASKED_LOGPROB)
     return sm.TopLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob,
                          bytes=list(raw))
 
