@@ -215,8 +215,10 @@ def test_no_tool_call_scores_minus_one_in_every_mode(mode):
 
 
 def test_blend_gates_on_the_check():
-  nothing, client = judged(CHECKED, episode(args='{"order_id": "Z"}'), {"mode": "blend"})
-  assert nothing.score == -1 and client.requests == []  # the tool called, nothing matched
+  wrong, client = judged(CHECKED, episode(args='{"order_id": "Z"}'), {"mode": "blend"})
+  assert wrong.score == 0 and client.requests == []  # the expected tool, wrong arguments: partway
+  nothing, client = judged(TWO, episode(args='{"order_id": "Z"}'), {"mode": "blend"})
+  assert nothing.score == -1 and client.requests == []  # nothing matched, a tool never called
   partly = episode()
   partly[2]["tool_calls"].append({"id": "c2", "type": "function", "function": {
       "name": "cancel_order", "arguments": '{"order_id": "Q"}'}})

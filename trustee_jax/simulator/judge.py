@@ -8,8 +8,10 @@ Modes (`JudgeConfig.mode`); an episode with no tool call scores -1 without an LM
   blend     the check decides criteria 2 (tool use: passed) and 4 (no redundant calls: no extra
             call); the LM judges only the conversation criteria among the first `num_criteria`
             (1 told in words, 3, 5), and only when the check passed:
-              check matched nothing                          -1  (no LM call)
-              check partly matched, or an extra call (4)      0  (no LM call)
+              nothing matched and an expected tool never called -1  (no LM call)
+              partway (some call matched, or every expected
+              tool called with wrong arguments), or an extra
+              call when criterion 4 applies                   0  (no LM call)
               check passed, LM says a criterion fails         0
               check passed, LM says the criteria hold         1
   questions one short yes/no question per criterion, each with only the excerpt it needs; the
@@ -174,7 +176,7 @@ def rule_score(check: CallCheck) -> int:
 
 def blend_gate(check: CallCheck, num_criteria: int) -> int | None:
   """blend mode's score when the check alone decides it (see the table), else None."""
-  if check.matched == 0:
+  if check.matched == 0 and check.missing:
     return -1
   if not check.passed or (num_criteria >= 4 and check.extra):
     return 0
