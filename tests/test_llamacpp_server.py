@@ -6,6 +6,7 @@ and drives it the way the simulator roles do: `chat_json` with a json_schema res
 loudly. Skipped when llama_cpp is not installed or the packaged model is not available.
 """
 import asyncio
+import json
 import os
 import pathlib
 import re
@@ -141,9 +142,22 @@ def test_a_long_task_schema_is_served_not_crashed_on(server):
   assert httpx.get(server + "/health", timeout=10).status_code == 200  # still serving
 
 
+GRAMMAR_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import serve_llamacpp as s
+schema = json.loads(sys.argv[2])
+loose = s.loosened_schema(schema)
+check = s.GrammarCheck(sys.argv[3])
+print(json.dumps({"loose": loose, "same": s.grammar_schema(schema, lambda x: True) is schema,
+                  "fallback": s.grammar_schema(schema, lambda x: x == loose),
+                  "none": s.grammar_schema(schema, lambda x: False),
+                  "parses": [check(schema), check({"type": "string", "maxLength": 40})]}))
+"""
+
+
 def test_grammar_schema_loosens_only_what_does_not_parse():
-  sys.path.insert(0, str(ROOT / "launch"))
-  import serve_llamacpp  # noqa: PLC0415
+  """In a child process: the launcher defines absl flags that other launchers also define."""
   schema = {"type": "object", "properties": {
       "a": {"type": "string", "minLength": 1, "maxLength": 300, "pattern": "^.{1,300}$"},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 5}},
@@ -152,9 +166,9 @@ def test_grammar_schema_loosens_only_what_does_not_parse():
       "a": {"type": "string", "minLength": 1},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
       "c": {"type": "array", "items": {"type": "integer"}}}}
-  assert serve_llamacpp.loosened_schema(schema) == loose
-  assert serve_llamacpp.grammar_schema(schema, lambda s: True) is schema
-  assert serve_llamacpp.grammar_schema(schema, lambda s: s == loose) == loose
-  assert serve_llamacpp.grammar_schema(schema, lambda s: False) is None
-  check = serve_llamacpp.GrammarCheck(_gguf())  # the real parser, on the vocabulary alone
-  assert check(schema) and check({"type": "string", "maxLength": 40})
+  out = subprocess.run([sys.executable, "-c", GRAMMAR_PROBE, str(ROOT / "launch"),
+                        json.dumps(schema), str(_gguf())], capture_output=True, text=True,
+                       check=True, cwd=ROOT)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got == {"loose": loose, "same": True, "fallback": loose, "none": None,
+                 "parses": [True, True]}  # the real parser, on the vocabulary alone
