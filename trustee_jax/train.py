@@ -87,13 +87,15 @@ def negative_control(control: str, episodes: list[rollout.Episode], seed: int
                      ) -> list[rollout.Episode]:
   """The episodes the update trains on under a negative control of the learning benchmark:
   "permute_rewards" shuffles the rewards across the step's episodes (seeded), so they no longer
-  say which episode did well; "negate_advantages" is applied to the advantages later; "" (a real
-  run) leaves them be. Logged rewards and the curriculum always see the true rewards."""
+  say which episode did well; "negate_advantages" negates them, which flips every group-relative
+  advantage's sign (the group std is unchanged); "" (a real run) leaves them be. Logged rewards
+  and the curriculum always see the true rewards."""
   if control not in CONTROLS:
     raise ValueError(f"train.control must be one of {CONTROLS}, got {control!r}")
-  if control != "permute_rewards":
+  if not control:
     return episodes
-  rewards = np.random.default_rng(seed).permutation([e.reward for e in episodes])
+  rewards = [-e.reward for e in episodes] if control == "negate_advantages" else \
+      np.random.default_rng(seed).permutation([e.reward for e in episodes])
   return [dataclasses.replace(e, reward=float(r)) for e, r in zip(episodes, rewards)]
 
 
@@ -249,8 +251,6 @@ class Trainer:
     if part:
       arrays = rollout.to_arrays(part, (width,))
       arrays["advantages"] = self._advantages(arrays)
-      if self.cfg.train.get("control", "") == "negate_advantages":
-        arrays["advantages"] = -arrays["advantages"]
     else:  # this process has no episodes in this mini-batch; others do
       arrays = rollout.to_arrays([rollout.Episode(0, 0, *(np.zeros(1),) * 4)], (width,))
       arrays = {k: v[:0] for k, v in arrays.items()}
