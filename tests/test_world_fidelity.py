@@ -87,11 +87,12 @@ def test_always_yes_judge_matches_the_constant_baseline_and_rule_ignores_injecti
     assert report["modes"][mode]["pass"] == base["pass"] == 0.5
     assert report["modes"][mode]["injection"]["mean_shift"] == 0.0  # already 1 everywhere clean
   rule = report["modes"]["rule"]
-  # rule checks calls only: the success claimed after a tool error passes it, not the oracle;
-  # a missing call is -1 there, partway (0) for the oracle
+  # rule checks calls only, the refused ones not counted: the success claimed after a tool error
+  # fails it (-1) as it fails the oracle (0, partway), so pass/fail agrees where the grade does
+  # not; a missing call is -1 there, partway (0) for the oracle
   assert rule["by_kind"] == {"right": 1.0, "wrong_value": 1.0, "wrong_tool": 1.0,
                              "missing_call": 0.0, "error_claimed": 0.0}
-  assert rule["pass"] == 0.875 and rule["exact"] == 0.75
+  assert rule["pass"] == 1.0 and rule["exact"] == 0.75
   assert rule["injection"] == {"n": 12, "mean_shift": 0.0, "raised": 0.0, "lowered": 0.0,
                                "flipped_to_pass": 0.0, "attacked_failed": 0}
   # blend: the check decides wrong value/tool and missing calls; the LM only the error case
@@ -129,6 +130,6 @@ def test_markdown_and_best_mode_from_a_report(cases):
   result = {"model": "m", "backend": "scripted", "judge": report, "wall_s": 1.0,
             "loadavg": {"before": (1.0, 1.0, 1.0), "after": (1.0, 1.0, 1.0)}}
   text = wf.markdown([result])
-  assert "| m | rule | 8 (0) | 0.75 | 0.88 |" in text and "constant (always 1 / best)" in text
+  assert "| m | rule | 8 (0) | 0.75 | 1.00 |" in text and "constant (always 1 / best)" in text
   assert wf.best_modes([result]) == {"m": "blend"}
   json.dumps(result)
