@@ -25,7 +25,6 @@ import logging
 import os
 import pathlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,9 +39,10 @@ import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-DEFAULT_GGUF = "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+from trustee_jax.world import free_port  # noqa: E402
+
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF both backends serve (default: the packaged "
-                            f"Qwen2.5-Coder-0.5B, else {DEFAULT_GGUF}).")
+                            "Qwen2.5-Coder-0.5B, verified).")
 _JAX_MODEL = flags.DEFINE_string("jax_model", "same", "What the JAX server loads: 'same' (--gguf)"
                                  ", 'smollm2' (the packaged SmolLM2-135M, a stand-in) or a GGUF.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "JAX servers, one per weight "
@@ -137,12 +137,6 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------- backend processes
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class Backend:
   """One or more server processes of one kind; `urls[0]` serves the single-request workloads."""
 
@@ -155,7 +149,7 @@ class Backend:
   def start(self) -> None:
     t0 = time.perf_counter()
     for i, cmd in enumerate(self.cmds):
-      port = _free_port()
+      port = free_port()
       log = open(self.logdir / f"{self.name}.{i}.log", "w")  # noqa: SIM115
       self.procs.append(subprocess.Popen([*cmd, f"--port={port}", f"--parent_pid={os.getpid()}"],
                                          stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -376,12 +370,11 @@ def _load() -> list[float]:
 
 
 def resolve_gguf() -> str:
+  """--gguf, or the packaged 0.5B (a clear error when its packages are missing)."""
   if _GGUF.value:
     return _GGUF.value
-  with contextlib.suppress(Exception):
-    from trustee_jax.models import packaged  # noqa: PLC0415
-    return str(packaged.qwen25_coder_gguf_path("0.5b"))
-  return DEFAULT_GGUF
+  from trustee_jax.models import loading  # noqa: PLC0415
+  return str(loading.gguf_path("qwen2.5-coder-0.5b"))
 
 
 def _interrupt(*_):
