@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from trustee_jax import seeding
 from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import doubles, tasks as tasks_lib, tools_pool
 
@@ -129,7 +130,7 @@ async def build_case(task: tasks_lib.Task, kind: str, seed: int) -> Case:
       content = TOOL_ERROR
       ledger.record(call, content, False)
     else:
-      (res,) = await tool.execute(task, ledger, [call], tasks_lib.derive_seed(seed, i))
+      (res,) = await tool.execute(task, ledger, [call], seeding.retry_seed(seed, i))
       content = res.content
     msgs.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
     if call.name in doubles.SPECS:

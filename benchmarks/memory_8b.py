@@ -16,7 +16,6 @@ targets the real topology (jax.experimental.topologies), as MaxText's AOT compil
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -24,16 +23,15 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = {"gpu": "qwen3_8b_gpu", "gpu8": "qwen3_8b_gpu8", "tpu": "qwen3_8b_tpu"}
+CONFIGS = {v: f"qwen3_8b:{v}" for v in ("gpu", "gpu8", "tpu")}  # configs/qwen3_8b.py's variants
 GiB = 2**30
 
 
 def load_config(name: str):
-  path = ROOT / "configs" / f"{CONFIGS.get(name, name)}.py"
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """A variant of configs/qwen3_8b.py (gpu, gpu8, tpu) or any configs/NAME[:ARG]."""
+  from trustee_jax import config_files  # after main() has put ROOT on sys.path
+  stem, sep, arg = CONFIGS.get(name, name).partition(":")
+  return config_files.get_config(f"{ROOT / 'configs' / stem}.py{sep}{arg}")
 
 
 def target_devices(c, platform: str, proxy_topology: str):
@@ -132,7 +130,7 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
     lcfg = lora.LoraConfig.from_dict(c.lora)
     abstract = lora.abstract_model(mcfg, lcfg, mesh=mesh)
     graphdef, adapters, base = nnx.split(abstract, lora.LoraParam, ...)
-    adapters = with_shardings(adapters, lora.adapter_shardings(adapters, mesh))
+    adapters = with_shardings(adapters, shd.state_shardings(adapters, mesh))
     base = with_shardings(base, shd.state_shardings(base, mesh))
     trainable = adapters
   else:
@@ -151,19 +149,18 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   def arr(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype,
                                 sharding=shd.batch_sharding(mesh, len(shape), batch=shape[0]))
+  targets = (rows, seq - 1)  # per-token arrays are aligned with the targets tokens[:, 1:]
   batch = {"tokens": arr((rows, seq), jnp.int32), "positions": arr((rows, seq), jnp.int32),
-           "loss_mask": arr((rows, seq), jnp.float32),
-           "old_logprobs": arr((rows, seq), jnp.float32),
-           "turn_rewards": arr((rows, seq), jnp.float32), "advantages": arr((rows,), jnp.float32)}
+           "loss_mask": arr(targets, jnp.float32), "old_logprobs": arr(targets, jnp.float32),
+           "turn_rewards": arr(targets, jnp.float32), "advantages": arr((rows,), jnp.float32)}
   if gcfg.kl_beta > 0:
-    batch["ref_logprobs"] = arr((rows, seq), jnp.float32)
+    batch["ref_logprobs"] = arr(targets, jnp.float32)
   kw = dict(micro_batch=t.micro_batch, temperature=c.rollout.temperature,
             chunk_size=t.logprob_chunk)
-  if use_lora:
-    fn = lora.make_lora_update_fn(graphdef, base, optimizer, gcfg, **kw).step
-    lowered = fn.lower(adapters, opt_state, base, batch)
-  else:
-    lowered = update.make_update_fn(graphdef, optimizer, gcfg, **kw).lower(base, opt_state, batch)
+  # The one update of both modes, trainable state and optimizer state donated (as the Trainer)
+  frozen = base if use_lora else nnx.State({})
+  lowered = update.make_update_fn(graphdef, optimizer, gcfg, **kw).lower(
+      trainable, frozen, opt_state, batch)
   upd = Program.compile(lowered)
 
   # the engine: its weights, KV cache and counts; decode chunk and worst-case prefill

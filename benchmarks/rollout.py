@@ -64,11 +64,12 @@ class CompileClock:
       self.seconds += duration
 
 
-class DelayedWorld(rollout.World):
-  """The doubles, with `delay_s` of waiting wherever an LM-backed world makes a request."""
+class DelayedWorld:
+  """The doubles, with `delay_s` of waiting wherever an LM-backed world makes a request (a
+  rollout.Roles: it is its own user, tools and judge)."""
 
   def __init__(self, delay_s: float, max_parallel_calls: int = 3):
-    super().__init__(user=self, tools=self, judge=self)
+    self.user = self.tools = self.judge = self
     self.delay_s, self.max_parallel_calls = delay_s, max_parallel_calls
     self._user, self._tools = doubles.UserDouble(), doubles.ToolDouble(max_parallel_calls)
     self._judge = doubles.JudgeDouble()

@@ -143,7 +143,7 @@ def _bodies(n: int, chat_format) -> dict[str, list[dict]]:
 @contextlib.contextmanager
 def serving(num_slots: int):
   """A fresh embedded server over SmolLM2 (or --model) with `num_slots` slots."""
-  from trustee_jax.simulator.server import ServerThread, load_simulator  # noqa: PLC0415
+  from trustee_jax.serving.server import ServerThread, load_simulator  # noqa: PLC0415
   t0 = time.perf_counter()
   sim = load_simulator(_MODEL.value, _TOKENIZER.value, num_slots=num_slots,
                        cache_len=_CACHE_LEN.value, dtype=_DTYPE.value)

@@ -96,7 +96,7 @@ def serve_jax() -> None:
   from trustee_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415
   from trustee_jax.sampling.constrained import GrammarCompiler  # noqa: PLC0415
   from trustee_jax.sampling.engine import Engine  # noqa: PLC0415
-  from trustee_jax.simulator.server import ServerThread, Simulator  # noqa: PLC0415
+  from trustee_jax.serving.server import ServerThread, Simulator  # noqa: PLC0415
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())

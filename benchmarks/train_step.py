@@ -45,7 +45,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from trustee_jax import grpo, update  # noqa: E402
+from trustee_jax import grpo, step_batch, update  # noqa: E402
 from trustee_jax.models import model_configs, packaged, weights  # noqa: E402
 from trustee_jax.models.transformer import ModelConfig  # noqa: E402
 
@@ -69,7 +69,7 @@ def make_batch(graphdef, params, cfg: ModelConfig, n: int, t: int, prompt: int, 
   tokens = rng.integers(1, cfg.vocab_size, (n, t), dtype=np.int32)
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (n, t)).copy()
   logp = np.asarray(update.make_logprob_fn(graphdef, temperature=1.0, chunk_size=8192)(
-      params, jnp.asarray(tokens), jnp.asarray(positions)))
+      params, nnx.State({}), jnp.asarray(tokens), jnp.asarray(positions)))
   old = np.zeros((n, t), np.float32)
   old[:, 1:] = logp + rng.normal(0, 0.1, logp.shape)
   mask = np.zeros((n, t), np.float32)
@@ -80,18 +80,21 @@ def make_batch(graphdef, params, cfg: ModelConfig, n: int, t: int, prompt: int, 
 
 
 def jax_runner(model, batch: dict, micro_batch: int):
-  graphdef, params = nnx.split(model)
+  graphdef, params, frozen = update.split(model)
+  params = jax.tree_util.tree_map(jnp.copy, params)  # donated to the update; `model` is reused
   opt = update.build_optimizer(ml_collections.ConfigDict(
       {"learning_rate": LR, "grad_clip": GRAD_CLIP, "weight_decay": WEIGHT_DECAY}))
   cfg = grpo.GRPOConfig(clip_low=CLIP, clip_high=CLIP, dual_clip_c=DUAL_CLIP, kl_beta=0.0,
                         agg="token-mean")
   fn = update.make_update_fn(graphdef, opt, cfg, micro_batch=micro_batch, temperature=1.0,
                              chunk_size=8192)
-  dev = {k: jnp.asarray(v) for k, v in batch.items()}
+  # our update reads the per-token arrays aligned with the targets tokens[:, 1:]
+  dev = {k: jnp.asarray(v[:, 1:] if k in step_batch.TARGET_ALIGNED else v)
+         for k, v in batch.items()}
   state = {"params": params, "opt": opt.init(params)}
 
   def step():
-    state["params"], state["opt"], metrics = fn(state["params"], state["opt"], dev)
+    state["params"], state["opt"], metrics = fn(state["params"], frozen, state["opt"], dev)
     return metrics["loss"]
   return step
 

@@ -1,6 +1,6 @@
 """The Qwen3-8B GRPO update on one GPU, random weights: tokens/s and model FLOPs utilisation.
 
-  python benchmarks/update_8b.py --mode lora            # one 80 GB GPU (configs/qwen3_8b_gpu)
+  python benchmarks/update_8b.py --mode lora            # one 80 GB GPU (configs/qwen3_8b.py:gpu)
   python benchmarks/update_8b.py --mode full            # needs ~110 GB: an H200
   python benchmarks/update_8b.py --mode lora --rows 4 --length 1024 --micro_batch 1
 
@@ -23,8 +23,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from trustee_jax import grpo, lora, update  # noqa: E402
@@ -39,9 +37,9 @@ def batch(rows: int, length: int, vocab: int) -> dict[str, jax.Array]:
   rng = np.random.default_rng(0)
   b = {"tokens": rng.integers(0, vocab, (rows, length)).astype(np.int32),
        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-       "loss_mask": np.ones((rows, length), np.float32),
-       "old_logprobs": np.full((rows, length), -12.0, np.float32),
-       "turn_rewards": np.zeros((rows, length), np.float32),
+       "loss_mask": np.ones((rows, length - 1), np.float32),  # aligned with the targets
+       "old_logprobs": np.full((rows, length - 1), -12.0, np.float32),
+       "turn_rewards": np.zeros((rows, length - 1), np.float32),
        "advantages": rng.normal(size=rows).astype(np.float32)}
   return {k: jnp.asarray(v) for k, v in b.items()}
 
@@ -58,7 +56,9 @@ def main():
   ap.add_argument("--model", default="qwen3-8b", help="a named shape (tiny-qwen3: smoke test)")
   args = ap.parse_args()
 
-  pdt = "bfloat16"
+  # LoRA: a frozen bf16 base under f32 adapters; full: f32 master weights (bf16 weights
+  # trained in place at the paper's lr round most updates away), bf16 compute either way.
+  pdt = "bfloat16" if args.mode == "lora" else "float32"
   cfg = get_model_config(args.model, dtype="bfloat16", param_dtype=pdt,
                          remat_policy=args.remat)
   model = create_model(cfg, seed=0)
@@ -68,19 +68,14 @@ def main():
   kw = dict(micro_batch=args.micro_batch, temperature=1.0, chunk_size=8192)
   if args.mode == "lora":
     model = lora.add_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
-    graphdef, params, base = lora.split(model)
-    fn = lora.make_lora_update_fn(graphdef, base, optimizer, gcfg, **kw)
-  else:  # bf16 params, f32 Adam moments: the smallest full fine-tune
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(1e-6, mu_dtype=jnp.float32, weight_decay=0.0))
-    graphdef, params = nnx.split(model)
-    fn = update.make_update_fn(graphdef, optimizer, gcfg, **kw)
+  graphdef, params, frozen = update.split(model)  # adapters over the base, or every weight
+  fn = update.make_update_fn(graphdef, optimizer, gcfg, **kw)
   opt_state = optimizer.init(params)
   b = batch(args.rows, args.length, cfg.vocab_size)
   state = {"params": params, "opt": opt_state}
 
   def step():
-    state["params"], state["opt"], m = fn(state["params"], state["opt"], b)
+    state["params"], state["opt"], m = fn(state["params"], frozen, state["opt"], b)
     return m
 
   first, metrics = common.timed(step)

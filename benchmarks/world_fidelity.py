@@ -59,6 +59,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import judge_cases as jc  # noqa: E402
+from trustee_jax import seeding  # noqa: E402
 from trustee_jax.chat import ToolCall  # noqa: E402
 from trustee_jax.simulator import doubles, judge as judge_lib, tasks as tasks_lib  # noqa: E402
 from trustee_jax.simulator import tools as tools_lib, tools_pool, user as user_lib  # noqa: E402
@@ -310,7 +311,7 @@ async def tool_episode(task, variant, seed, *, user_sim, tool_sim) -> dict:
   msgs = [{"role": "system", "content": task.system_prompt},
           {"role": "user", "content": task.first_user_query},
           {"role": "assistant", "content": CLARIFY}]
-  first = await user_sim.respond(task, msgs, tasks_lib.derive_seed(seed, 1))
+  first = await user_sim.respond(task, msgs, seeding.retry_seed(seed, 1))
   answer = first.response or (await doubles.UserDouble().respond(task, msgs, seed)).response
   msgs.append({"role": "user", "content": answer or "Please go ahead."})
   setter = next(c for c in task.expected_calls if c["name"] in doubles.SPECS)
@@ -322,7 +323,7 @@ async def tool_episode(task, variant, seed, *, user_sim, tool_sim) -> dict:
   checks = []
   for i, call in enumerate(plan):
     store = doubles.ToolDouble.state(ledger)  # what a plain store holds before this call
-    (res,) = await tool_sim.execute(task, ledger, [call], tasks_lib.derive_seed(seed, 10 + i))
+    (res,) = await tool_sim.execute(task, ledger, [call], seeding.retry_seed(seed, 10 + i))
     msgs += [_call_message(call), {"role": "tool", "tool_call_id": call.id, "name": call.name,
                                    "content": res.content}]
     if call.name == "get_state":
@@ -338,7 +339,7 @@ async def first_user_turns(user_sim, tasks: list, seed: int, deadline: float) ->
     msgs = [{"role": "system", "content": task.system_prompt},
             {"role": "user", "content": task.first_user_query},
             {"role": "assistant", "content": CLARIFY}]
-    return (await user_sim.respond(task, msgs, tasks_lib.derive_seed(seed, i))).ended
+    return (await user_sim.respond(task, msgs, seeding.retry_seed(seed, i))).ended
   outs = await bounded([one(i, t) for i, t in enumerate(tasks)], deadline)
   return [o for o in outs if isinstance(o, bool)]
 
@@ -412,7 +413,7 @@ async def judge_scores(judges: dict[str, judge_lib.Judge], cases: Sequence[jc.Ca
   order = [(i, m) for i in range(len(cases)) for m in judges]
   outs = await bounded([judges[m].score(cases[i].task, cases[i].messages,
                                         cases[i].task.knobs["num_criteria"],
-                                        tasks_lib.derive_seed(seed, i)) for i, m in order],
+                                        seeding.retry_seed(seed, i)) for i, m in order],
                        deadline)
   scores = {m: [None] * len(cases) for m in judges}
   failed = []

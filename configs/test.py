@@ -1,4 +1,5 @@
-"""A tiny random policy in the rule-based world: fast tests of the whole loop."""
+"""A tiny random policy in the doubles' world, judged by a coin: fast tests of the loop's
+mechanics with non-zero advantages (learning itself is tests/test_learning.py's)."""
 from trustee_jax.default_config import default_config
 
 
@@ -7,6 +8,9 @@ def get_config():
   c.model.update(name="tiny-llama", tokenizer="smollm2")
   c.engine.update(num_slots=8, cache_len=1536, decode_chunk=4)
   c.simulator.mode = "doubles"
+  # A random policy never earns the home world's rewards; the coin judge's -1/1 give the loop's
+  # mechanics tests (resume, two processes, LoRA) non-zero advantages and real gradients.
+  c.simulator.doubles_judge = "coin"
   c.rollout.update(group_size=4, max_turn_tokens=24, max_episode_tokens=1536)
   c.train.update(steps=3, tasks_per_step=2, updates_per_step=1, micro_batch=4,
                  length_buckets=(512, 1024, 1536), logprob_chunk=8192)

@@ -1,30 +1,28 @@
 """TRUSTEE's released run (shared/DESIGN.md §7): Qwen3-8B policy, Qwen3-8B simulator on SGLang,
 every extension of this project switched off. Needs GPUs (see README: GPU with SGLang)."""
-import ml_collections
-
 from trustee_jax.default_config import default_config
 
 
 def get_config():
   c = default_config()
   # A local Hugging Face directory of Qwen3-8B (nothing is downloaded at run time).
+  # f32 master weights, bf16 compute. AdamW at lr 1e-6 on bf16 weights would round most updates
+  # away: bf16 keeps 8 significant bits, so a step under ~0.2% of a weight is lost, and Adam's
+  # steps (~lr = 1e-6) are far below that for weights ~1e-2. verl's actor keeps f32 masters.
   c.model.update(name="/models/Qwen3-8B", tokenizer="qwen3", dtype="bfloat16",
-                 param_dtype="bfloat16", remat_policy="dots_no_batch")
+                 param_dtype="float32", remat_policy="dots_no_batch")
   # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
   # benchmarks/README.md) would hold another 16 GB of bf16 weights.
   c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
                      max_retries=3, max_concurrency=128)
-  thinking = {"enable_thinking": True}
-  c.world.task.update(hidden_facts=False, initial_state=False, expected_arguments=False,
-                      max_tokens=2048, chat_template_kwargs=thinking)
-  c.world.user.update(max_tokens=2048, frequency_penalty=0.1, chat_template_kwargs=thinking)
+  for role in ("task", "user", "tools", "judge"):  # every simulator role thinks, 2048 tokens
+    c.world[role].update(max_tokens=2048, chat_template_kwargs={"enable_thinking": True})
+  c.world.task.update(hidden_facts=False, initial_state=False, expected_arguments=False)
+  c.world.user.update(frequency_penalty=0.1)
   c.world.tools.update(schema_check=False, use_ledger=False, show_conversation=True,
-                       max_result_chars=512,
-                       max_parallel_calls=3, max_tokens=2048, frequency_penalty=0.1,
-                       chat_template_kwargs=thinking)
-  c.world.judge.update(mode="lm", max_criteria=2, num_votes=1, score_rule="model", max_tokens=2048,
-                       chat_template_kwargs=thinking)
+                       max_result_chars=512, max_parallel_calls=3, frequency_penalty=0.1)
+  c.world.judge.update(mode="lm", max_criteria=2, num_votes=1, score_rule="model")
   c.world.tool_pool = "/data/toolbench_tools.json"  # TRUSTEE's pool, given its path
   c.world.lenient_pool = True  # its "credentials"/"select" parameter types are repaired
   c.curriculum.update(mode="level")  # reference multipliers, thresholds 0.5/0.0, step 3
@@ -37,16 +35,3 @@ def get_config():
   c.checkpoint.update(every=10, keep=3)
   return c
 
-
-def on_hardware(name: str, memory_gib: float, key: str, mesh_shape: tuple[int, ...], *,
-                param_dtype: str, tpu_topology: str = ""):
-  """The reference run placed on a machine: what the qwen3_8b_* configs share. They change
-  only what that hardware needs (LoRA, episode length, slots, micro-batch)."""
-  c = get_config()
-  c.hardware = ml_collections.ConfigDict(dict(
-      name=name, memory_gib=memory_gib, tpu_topology=tpu_topology, key=key))
-  c.mesh.shape = tuple(mesh_shape)
-  c.model.update(arch="qwen3-8b", param_dtype=param_dtype, remat_policy="full")
-  c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),
-                                          param_dtype="float32", sampler_weights="merged"))
-  return c

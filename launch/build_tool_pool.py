@@ -19,9 +19,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
 
+from trustee_jax.seeding import retry_seed  # noqa: E402
 from trustee_jax.simulator import tools_pool  # noqa: E402
 from trustee_jax.simulator.client import SimulatorError  # noqa: E402
-from trustee_jax.simulator.tasks import derive_seed  # noqa: E402
 
 _URL = flags.DEFINE_multi_string("url", None, "Simulator base URL(s).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the pool JSON.", required=True)
@@ -106,7 +106,7 @@ async def build_pool(client: Any, *, num_categories: int, toolsets_per_category:
           f"Domain: {category} ({about}). Invent {toolsets_per_category} distinct software "
           "services (APIs) a company in this domain would offer. For each, a one-sentence "
           "description and a short title."), toolset_schema(toolsets_per_category), role="pool",
-          seed=derive_seed(seed, 1 + i), **sampling)
+          seed=retry_seed(seed, 1 + i), **sampling)
     except SimulatorError as e:
       report.append(f"dropped category {category!r}: {e}")
       return []
@@ -121,7 +121,7 @@ async def build_pool(client: Any, *, num_categories: int, toolsets_per_category:
           "description, and up to 6 parameters with a snake_case name, a JSON type, a "
           "description, whether it is required, and for string parameters with a fixed set of "
           "values the allowed values (otherwise an empty list)."),
-          tools_schema(tools_per_toolset), role="pool", seed=derive_seed(seed, 1000 + k),
+          tools_schema(tools_per_toolset), role="pool", seed=retry_seed(seed, 1000 + k),
           **sampling)
     except SimulatorError as e:
       report.append(f"dropped toolset {category}/{toolset}: {e}")

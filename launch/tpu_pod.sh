@@ -4,7 +4,7 @@
 # `distributed.mode=auto`). Checkpoints need a directory every host sees: use gs://.
 #
 #   bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--setup] [--detach] \
-#       [--dry-run] -- --config configs/qwen3_8b_tpu.py --workdir gs://BUCKET/runs/x [...]
+#       [--dry-run] -- --config configs/qwen3_8b.py:tpu --workdir gs://BUCKET/runs/x [...]
 #
 #   --setup    copy this checkout to ~/trustee-jax on every worker and install it with
 #              jax[tpu] (pinned as in requirements.txt) before training

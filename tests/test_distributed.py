@@ -32,17 +32,22 @@ def _setup():
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(0, cfg.vocab_size, (N_ROWS, T)).astype(np.int32),
            "positions": np.tile(np.arange(T, dtype=np.int32), (N_ROWS, 1)),
-           "loss_mask": (rng.random((N_ROWS, T)) > 0.3).astype(np.float32),
-           "old_logprobs": -rng.random((N_ROWS, T)).astype(np.float32) * 3,
-           "turn_rewards": np.zeros((N_ROWS, T), np.float32),
+           "loss_mask": (rng.random((N_ROWS, T - 1)) > 0.3).astype(np.float32),
+           "old_logprobs": -rng.random((N_ROWS, T - 1)).astype(np.float32) * 3,
+           "turn_rewards": np.zeros((N_ROWS, T - 1), np.float32),
            "advantages": rng.normal(size=N_ROWS).astype(np.float32)}
   return cfg, batch, optax.sgd(1.0), grpo.GRPOConfig(kl_beta=0.0)  # SGD: params move by -grad
 
 
 def _step(params, graphdef, batch, opt, gcfg):
+  """One update of a copy of `params` (the update donates what it is given)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
   from trustee_jax import update
   fn = update.make_update_fn(graphdef, opt, gcfg, micro_batch=4, chunk_size=64)
-  return fn(params, opt.init(params), batch)
+  return fn(jax.tree_util.tree_map(jnp.copy, params), nnx.State({}), opt.init(params), batch)
 
 
 def _child(pid: int, port: int, out: pathlib.Path) -> None:

@@ -295,3 +295,16 @@ def test_an_agent_that_asks_reads_and_sets_solves_every_task(level):
     report = " ".join(map(str, task.oracle["report"]))
     assert chat.say(f"Done. {report}") == dbl.UserReply("", 1, True)
     assert chat.judge().score == 1
+
+
+def test_coin_judge_is_a_deterministic_coin_over_what_the_policy_wrote():
+  task = gen(seed=3)
+  coin = dbl.CoinJudge()
+
+  def score(text: str) -> int:
+    messages = [{"role": "user", "content": task.first_user_query},
+                {"role": "assistant", "content": text}]
+    return asyncio.run(coin.score(task, messages, 1, seed=0)).score
+  scores = [score(f"reply {i}") for i in range(32)]
+  assert set(scores) == {-1, 1}  # variance: GRPO groups get non-zero advantages
+  assert scores == [score(f"reply {i}") for i in range(32)]  # the same words, the same score

@@ -281,7 +281,7 @@ def _needs_venv(spec):
 @pytest.fixture(scope="module")
 def smollm2_endpoint(tmp_path_factory):
   from trustee_jax import export
-  from trustee_jax.simulator.server import ServerThread, load_simulator
+  from trustee_jax.serving.server import ServerThread, load_simulator
   out = export.export_base("smollm2", tmp_path_factory.mktemp("smollm2") / "hf")
   sim = load_simulator(str(out), num_slots=2, cache_len=8192)
   server = ServerThread(sim.app(), "127.0.0.1", 0).start()

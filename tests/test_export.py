@@ -15,7 +15,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from trustee_jax import curriculum as cur
-from trustee_jax import export, train, update
+from trustee_jax import export, update
+from trustee_jax import policy as policy_lib
 from trustee_jax.chat import ChatFormat
 from trustee_jax.checkpoint import Checkpointer
 
@@ -45,7 +46,7 @@ def load_config(name: str):
 def write_checkpoint(workdir: pathlib.Path, cfg, steps=(STEP,)):
   """The Trainer's checkpoint layout and meta, params moved off their init so a restore that
   silently re-initialised would be caught. Returns the saved (trained) model."""
-  model, _ = train.load_policy(cfg)
+  model, _ = policy_lib.load_policy(cfg)
   graphdef, params = nnx.split(model)
   key = jax.random.key(1)
   leaves, tree = jax.tree_util.tree_flatten(params)
@@ -57,7 +58,7 @@ def write_checkpoint(workdir: pathlib.Path, cfg, steps=(STEP,)):
            "curriculum": cur.init_state(cur.CurriculumConfig.from_dict(cfg.curriculum)),
            "step": jnp.asarray(STEP, jnp.int32)}
   ckpt = Checkpointer(workdir / "checkpoints", keep=3)
-  meta = {"model_config": train.model_meta(model), "config": cfg.to_json_best_effort()}
+  meta = {"model_config": policy_lib.model_meta(model), "config": cfg.to_json_best_effort()}
   for s in steps:
     ckpt.save(s, state, meta)
   ckpt.close()
@@ -85,7 +86,7 @@ def test_transformers_loads_export_with_the_jax_logits(run):
   ours, _ = run["model"](jnp.asarray(tokens), positions)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4, rtol=2e-4)
   # The restored (not re-initialised) weights: a fresh init gives other logits.
-  fresh, _ = train.load_policy(run["cfg"])[0](jnp.asarray(tokens), positions)
+  fresh, _ = policy_lib.load_policy(run["cfg"])[0](jnp.asarray(tokens), positions)
   assert np.abs(np.asarray(fresh) - ref).max() > 1e-2
 
 
@@ -135,7 +136,7 @@ def test_export_refuses_a_missing_step_a_bad_workdir_and_a_used_out(run, tmp_pat
 
 def test_model_config_mismatch_is_named():
   cfg = load_config("test")
-  meta = train.model_meta(train.load_policy(cfg)[0])
+  meta = policy_lib.model_meta(policy_lib.load_policy(cfg)[0])
   mcfg = export.model_config_from_meta(meta, cfg)
   export.check_model_config(mcfg, meta)  # round trip
   with pytest.raises(export.ExportError, match="hidden_size"):
@@ -147,7 +148,7 @@ def test_model_config_mismatch_is_named():
 def test_rope_scaling_survives_the_meta():
   from trustee_jax.models import model_configs
   mcfg = model_configs.get_model_config("llama3.1-8b")
-  meta = train.model_meta(type("M", (), {"cfg": mcfg})())
+  meta = policy_lib.model_meta(type("M", (), {"cfg": mcfg})())
   rebuilt = export.model_config_from_meta(meta, load_config("test"))
   assert rebuilt.rope_scaling == mcfg.rope_scaling
   export.check_model_config(rebuilt, meta)

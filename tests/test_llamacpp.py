@@ -1,4 +1,5 @@
-"""Contract: SimulatorClient against llama.cpp's server (launch/serve_llamacpp.py) on 127.0.0.1.
+"""Contract: SimulatorClient against llama.cpp's server (trustee_jax/serving/llamacpp.py) on
+127.0.0.1.
 
 Serves the packaged Qwen2.5-Coder-0.5B GGUF with llama-cpp-python (requirements-llamacpp.txt)
 and drives it the way the simulator roles do: `chat_json` with a json_schema response_format
@@ -6,7 +7,6 @@ and drives it the way the simulator roles do: `chat_json` with a json_schema res
 loudly. Skipped when llama_cpp is not installed or the packaged model is not available.
 """
 import asyncio
-import json
 import os
 import pathlib
 import re
@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
                     "(pip install -r requirements-llamacpp.txt)")
 
+from trustee_jax.serving import llamacpp  # noqa: E402
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient, SimulatorError  # noqa: E402
 from trustee_jax.simulator.user import UserConfig, user_schema  # noqa: E402
 
@@ -44,7 +45,7 @@ def server():
   gguf = _gguf()
   env = {**os.environ, "TRUSTEE_SIMULATOR_API_KEY": KEY}
   proc = subprocess.Popen(
-      [sys.executable, str(ROOT / "launch" / "serve_llamacpp.py"), f"--model={gguf}",
+      [sys.executable, "-m", "trustee_jax.serving.llamacpp", f"--model={gguf}",
        "--port=0", "--n_ctx=2048", "--n_threads=2", f"--parent_pid={os.getpid()}"],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
   lines: list[str] = []
@@ -142,22 +143,8 @@ def test_a_long_task_schema_is_served_not_crashed_on(server):
   assert httpx.get(server + "/health", timeout=10).status_code == 200  # still serving
 
 
-GRAMMAR_PROBE = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import serve_llamacpp as s
-schema = json.loads(sys.argv[2])
-loose = s.loosened_schema(schema)
-check = s.GrammarCheck(sys.argv[3])
-print(json.dumps({"loose": loose, "same": s.grammar_schema(schema, lambda x: True) is schema,
-                  "fallback": s.grammar_schema(schema, lambda x: x == loose),
-                  "none": s.grammar_schema(schema, lambda x: False),
-                  "parses": [check(schema), check({"type": "string", "maxLength": 40})]}))
-"""
-
-
 def test_grammar_schema_loosens_only_what_does_not_parse():
-  """In a child process: the launcher defines absl flags that other launchers also define."""
+  """In this process: the module defines its absl flags only when run (`cli`)."""
   schema = {"type": "object", "properties": {
       "a": {"type": "string", "minLength": 1, "maxLength": 300, "pattern": "^.{1,300}$"},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 5}},
@@ -166,9 +153,17 @@ def test_grammar_schema_loosens_only_what_does_not_parse():
       "a": {"type": "string", "minLength": 1},
       "b": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
       "c": {"type": "array", "items": {"type": "integer"}}}}
-  out = subprocess.run([sys.executable, "-c", GRAMMAR_PROBE, str(ROOT / "launch"),
-                        json.dumps(schema), str(_gguf())], capture_output=True, text=True,
-                       check=True, cwd=ROOT)
-  got = json.loads(out.stdout.strip().splitlines()[-1])
-  assert got == {"loose": loose, "same": True, "fallback": loose, "none": None,
-                 "parses": [True, True]}  # the real parser, on the vocabulary alone
+  check = llamacpp.GrammarCheck(_gguf())
+  assert llamacpp.loosened_schema(schema) == loose
+  assert llamacpp.grammar_schema(schema, lambda x: True) is schema
+  assert llamacpp.grammar_schema(schema, lambda x: x == loose) == loose
+  assert llamacpp.grammar_schema(schema, lambda x: False) is None
+  # the real parser, on the vocabulary alone
+  assert [check(schema), check({"type": "string", "maxLength": 40})] == [True, True]
+
+
+def test_launcher_wrapper_runs_the_module():
+  """launch/serve_llamacpp.py is `python -m trustee_jax.serving.llamacpp`: same flags."""
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "serve_llamacpp.py"), "--helpfull"],
+                       capture_output=True, text=True, cwd="/")  # absl's help exits with 1
+  assert "trustee_jax.serving.llamacpp:" in out.stdout and "--n_ctx" in out.stdout, out.stderr

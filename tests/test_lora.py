@@ -37,9 +37,9 @@ def batch(n=4, t=8, seed=0):
   rng = np.random.default_rng(seed)
   b = {"tokens": rng.integers(0, CFG.vocab_size, (n, t)).astype(np.int32),
        "positions": np.tile(np.arange(t, dtype=np.int32), (n, 1)),
-       "loss_mask": (rng.random((n, t)) > 0.3).astype(np.float32),
-       "old_logprobs": -rng.random((n, t)).astype(np.float32) * 3,
-       "turn_rewards": np.zeros((n, t), np.float32),
+       "loss_mask": (rng.random((n, t - 1)) > 0.3).astype(np.float32),  # aligned with targets
+       "old_logprobs": -rng.random((n, t - 1)).astype(np.float32) * 3,
+       "turn_rewards": np.zeros((n, t - 1), np.float32),
        "advantages": rng.normal(size=n).astype(np.float32)}
   return {k: jnp.asarray(v) for k, v in b.items()}
 
@@ -117,16 +117,16 @@ def test_partial_targets_and_bad_configs(base):
 
 
 def test_lora_step_changes_only_adapters_with_the_chain_rule_gradient(base, adapted):
-  graphdef, adapters, frozen = lora.split(adapted)
+  graphdef, adapters, frozen = update.split(adapted)  # the adapters, the frozen base
   frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
   b = batch()
   # gradient of the same loss w.r.t. the merged dense weights, then the chain rule by hand
-  merged_graphdef, merged_params = nnx.split(lora.merge(adapted))
-  normaliser = grpo.loss_normaliser(b["loss_mask"][:, 1:], GCFG)
-  dense_grad = jax.grad(lambda p: update._micro_loss(p, merged_graphdef, b, normaliser, GCFG,
-                                                     1.0, 64)[0])(merged_params)
-  lora_grad = jax.grad(lambda ad: lora._loss(ad, frozen, graphdef, b, normaliser, GCFG, 1.0,
-                                             64)[0])(adapters)
+  merged_graphdef, merged_params, rest = update.split(lora.merge(adapted))
+  normaliser = grpo.loss_normaliser(b["loss_mask"], GCFG)
+  dense_grad = jax.grad(lambda p: update.micro_loss(p, rest, merged_graphdef, b, normaliser,
+                                                    GCFG, 1.0, 64)[0])(merged_params)
+  lora_grad = jax.grad(lambda ad: update.micro_loss(ad, frozen, graphdef, b, normaliser, GCFG,
+                                                    1.0, 64)[0])(adapters)
   for name in ("wq", "wo", "w_down"):
     dw = np.asarray(dense_grad[name][...])
     a = np.asarray(adapters["lora"][f"{name}_a"][...])
@@ -144,11 +144,13 @@ def test_lora_step_changes_only_adapters_with_the_chain_rule_gradient(base, adap
   # one optimizer step: adapters move, the base is untouched and gets no optimizer state
   opt = optax.adam(1e-2)
   opt_state = opt.init(adapters)
-  fn = lora.make_lora_update_fn(graphdef, frozen, opt, GCFG, micro_batch=2, chunk_size=64)
-  new_adapters, _, metrics = fn(adapters, opt_state, b)
+  before = jax.tree_util.tree_map(np.asarray, adapters)  # the update donates `adapters`
+  fn = update.make_update_fn(graphdef, opt, GCFG, micro_batch=2, chunk_size=64)
+  new_adapters, opt_state, metrics = fn(jax.tree_util.tree_map(jnp.copy, adapters), frozen,
+                                        opt_state, b)
   assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
   moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(
-      jax.tree_util.tree_leaves(new_adapters), jax.tree_util.tree_leaves(adapters))]
+      jax.tree_util.tree_leaves(new_adapters), jax.tree_util.tree_leaves(before))]
   assert min(moved) > 1e-4, moved
   for x, y in zip(jax.tree_util.tree_leaves(frozen), jax.tree_util.tree_leaves(frozen_before)):
     np.testing.assert_array_equal(np.asarray(x), y)
@@ -157,26 +159,28 @@ def test_lora_step_changes_only_adapters_with_the_chain_rule_gradient(base, adap
 
 
 def test_lora_update_is_invariant_to_micro_batching(adapted):
-  graphdef, adapters, frozen = lora.split(adapted)
+  graphdef, adapters, frozen = update.split(adapted)
   opt = optax.sgd(1.0)
   b = batch(n=8)
-  outs = [lora.make_lora_update_fn(graphdef, frozen, opt, GCFG, micro_batch=m, chunk_size=64)(
-      adapters, opt.init(adapters), b) for m in (8, 2)]
+  outs = [update.make_update_fn(graphdef, opt, GCFG, micro_batch=m, chunk_size=64)(
+      jax.tree_util.tree_map(jnp.copy, adapters), frozen, opt.init(adapters), b)
+      for m in (8, 2)]
   np.testing.assert_allclose(outs[0][2]["loss"], outs[1][2]["loss"], atol=1e-6)
   for x, y in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0])):
     np.testing.assert_allclose(x, y, atol=1e-6)
 
 
 def test_reference_is_the_base_with_adapters_off(base, adapted):
-  graphdef, adapters, frozen = lora.split(adapted)
+  graphdef, adapters, frozen = update.split(adapted)
   b = batch()
-  ref = lora.make_reference_logprob_fn(adapted, temperature=1.0, chunk_size=64)(
-      frozen, b["tokens"], b["positions"])
+  empty = nnx.State({})
+  ref = update.make_logprob_fn(lora.base_graphdef(adapted), temperature=1.0, chunk_size=64)(
+      frozen, empty, b["tokens"], b["positions"])
   want = update.make_logprob_fn(nnx.graphdef(base), temperature=1.0, chunk_size=64)(
-      nnx.state(base), b["tokens"], b["positions"])
+      nnx.state(base), empty, b["tokens"], b["positions"])
   np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
-  pol = lora.make_lora_logprob_fn(graphdef, frozen, temperature=1.0, chunk_size=64)(
-      adapters, b["tokens"], b["positions"])
+  pol = update.make_logprob_fn(graphdef, temperature=1.0, chunk_size=64)(
+      adapters, frozen, b["tokens"], b["positions"])
   assert float(jnp.abs(pol - ref).max()) > 1e-2
 
 
@@ -205,15 +209,32 @@ def test_adapters_shard_like_their_weights():
 
   from trustee_jax import sharding as shd
   mesh = AbstractMesh((1, 2, 4), shd.MESH_AXES)
-  spec = lambda name, shape: shd.logical_to_spec(  # noqa: E731
-      shd.LOGICAL_RULES, lora.adapter_axes(name), shape, mesh)
+  abstract = lora.abstract_model(get_model_config("qwen3-8b"), lora.LoraConfig(rank=64))
+  _, adapters, _ = lora.split(abstract)
+  shardings = shd.state_shardings(adapters, mesh)["lora"]  # the one reader, no adapter table
+  spec = lambda name: shardings[name].get_value().spec  # noqa: E731
   # A splits its input dims as W does, B its output dims; the rank is never split
-  assert spec("wq_a", (36, 4096, 64)) == P(None, "fsdp", None)
-  assert spec("wq_b", (36, 64, 32, 128)) == P(None, None, "tensor", None)
-  assert spec("wo_a", (36, 32, 128, 64)) == P(None, "tensor", None, None)
-  assert spec("wo_b", (36, 64, 4096)) == P(None, None, "fsdp")
-  assert spec("w_down_a", (36, 12288, 64)) == P(None, "tensor", None)
-  assert spec("w_down_b", (36, 64, 4096)) == P(None, None, "fsdp")
+  assert adapters["lora"]["wq_a"].shape == (36, 4096, 64)
+  assert spec("wq_a") == P(None, "fsdp", None)
+  assert spec("wq_b") == P(None, None, "tensor", None)
+  assert spec("wo_a") == P(None, "tensor", None, None)
+  assert spec("wo_b") == P(None, None, "fsdp")
+  assert spec("w_down_a") == P(None, "tensor", None)
+  assert spec("w_down_b") == P(None, None, "fsdp")
+
+
+def test_adapters_carry_their_axes_from_the_base_parameters(adapted):
+  from trustee_jax import sharding as shd
+  from trustee_jax.models.transformer import PARAM_AXES
+  _, adapters, base = lora.split(adapted)
+  axes = {k: v.get_metadata()[shd.AXES_KEY] for k, v in adapters["lora"].items()}
+  assert len(axes) == 2 * len(lora.ALL_TARGETS)
+  for target in lora.ALL_TARGETS:
+    n_in, w = lora.INPUT_DIMS[target], PARAM_AXES[target]
+    assert axes[f"{target}_a"] == w[:1 + n_in] + ("lora_rank",)
+    assert axes[f"{target}_b"] == ("layers", "lora_rank") + w[1 + n_in:]
+  assert {k: v.get_metadata()[shd.AXES_KEY] for k, v in base.items()} == {
+      k: PARAM_AXES[k] for k in base}
 
 
 def test_unstacked_layers_of_an_adapted_model_are_its_merged_weights(adapted):

@@ -91,7 +91,8 @@ def test_analysis_notebook_names_a_missing_workdir(tmp_path):
 @pytest.mark.slow
 def test_quickstart_notebook_trains_and_plots(tmp_path):
   outputs = run_notebook("quickstart.ipynb", {
-      "TRUSTEE_QUICKSTART_STEPS": "1", "TRUSTEE_QUICKSTART_WORKDIR": str(tmp_path / "qs"),
+      "TRUSTEE_QUICKSTART_CONFIG": "test.py", "TRUSTEE_QUICKSTART_STEPS": "1",
+      "TRUSTEE_QUICKSTART_WORKDIR": str(tmp_path / "qs"),
       "JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline"},
       timeout=900)
   assert len(images(outputs)) == 1

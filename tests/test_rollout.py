@@ -1,11 +1,13 @@
 """Rollouts: exact token sequences, masks, per-turn rewards, budgets and failures."""
 import asyncio
+import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 
-from trustee_jax import rollout
+from trustee_jax import grpo, rollout, step_batch
 from trustee_jax.chat import ChatFormat
 from trustee_jax.models.model_configs import get_model_config
 from trustee_jax.models.tokenizer import load_tokenizer
@@ -36,9 +38,18 @@ def make_task(seed=0, **knobs):
   return asyncio.run(doubles.TaskGeneratorDouble().generate(kn, req.tools, req.category, seed))
 
 
+@dataclasses.dataclass
+class Roles:
+  """The roles an episode plays against (a rollout.Roles): the doubles unless told otherwise."""
+  user: Any = dataclasses.field(default_factory=doubles.UserDouble)
+  tools: Any = dataclasses.field(default_factory=doubles.ToolDouble)
+  judge: Any = dataclasses.field(default_factory=doubles.JudgeDouble)
+
+
 def world():
-  return rollout.World(user=doubles.UserDouble(), tools=doubles.ToolDouble(),
-                       judge=doubles.JudgeDouble())
+  w = Roles()
+  assert isinstance(w, rollout.Roles)
+  return w
 
 
 class ScriptedPolicy:
@@ -150,7 +161,7 @@ class BrokenUser:
 def test_simulator_outage_drops_episodes_and_groups(chat, tokenizer):
   tasks = [make_task(seed=s) for s in range(2)]
   policy = ScriptedPolicy(tokenizer, ["Hello?"] * 8, chat.end_of_turn_id)
-  w = rollout.World(user=BrokenUser(), tools=doubles.ToolDouble(), judge=doubles.JudgeDouble())
+  w = Roles(user=BrokenUser())
   res = asyncio.run(rollout.run_rollouts(tasks, engine=policy, chat=chat, tokenizer=tokenizer,
                                          world=w, cfg=rollout.RolloutConfig(group_size=2),
                                          seed=0, step=1))
@@ -182,10 +193,10 @@ def test_engine_rollouts_arrays_match_sampled_ids_and_are_reproducible(chat, tok
   for a, b in zip(sorted(concurrent.episodes, key=key), sorted(sequential.episodes, key=key)):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-  arrays = rollout.to_arrays(concurrent.episodes, (1536,))
+  batch = step_batch.build(concurrent.episodes, grpo.GRPOConfig(), num_groups=2, width=1536)
   for i, e in enumerate(concurrent.episodes):
     n = len(e.tokens)
-    assert arrays["tokens"][i, :n].tolist() == e.tokens.tolist()
-    assert arrays["loss_mask"][i, n:].sum() == 0 and arrays["positions"][i, n:].max() == -1
-    sampled = arrays["tokens"][i][arrays["loss_mask"][i] > 0]
+    assert batch.tokens[i, :n].tolist() == e.tokens.tolist()
+    assert batch.loss_mask[i, n - 1:].sum() == 0 and batch.positions[i, n:].max() == -1
+    sampled = batch.tokens[i, 1:][batch.loss_mask[i] > 0]  # the mask is aligned with targets
     assert sampled.tolist() == e.tokens[e.loss_mask > 0].tolist()

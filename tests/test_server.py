@@ -24,10 +24,10 @@ from trustee_jax.sampling.constrained import GrammarCompiler, lark_grammar
 from trustee_jax.models.model_configs import get_model_config
 from trustee_jax.models.transformer import create_model
 from trustee_jax.sampling.engine import Completion, Engine, SamplingParams
-from trustee_jax.simulator import server_models as sm
-from trustee_jax.simulator.server import ServerThread, build_app, load_simulator
-from trustee_jax.simulator.server_protocol import (Protocol, body_rules, lark_literal,
-                                                   with_reasoning)
+from trustee_jax.serving import schema as sm
+from trustee_jax.serving.server import ServerThread, build_app, load_simulator
+from trustee_jax.serving.protocol import (Protocol, body_rules, lark_literal,
+                                          with_reasoning)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WEATHER = {"type": "function", "function": {
@@ -433,13 +433,20 @@ def test_a_missing_packaged_model_names_the_packages_to_install(monkeypatch, tmp
 # ---- the launcher --------------------------------------------------------------------------
 
 
+def test_launch_wrapper_runs_the_module():
+  """launch/serve_simulator.py is `python -m trustee_jax.serving`: same flags, from any cwd."""
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "serve_simulator.py"), "--helpfull"],
+                       capture_output=True, text=True, cwd="/")  # absl's help exits with 1
+  assert "trustee_jax.serving.__main__:" in out.stdout and "--num_slots" in out.stdout, out.stderr
+
+
 def test_launcher_serves_and_dies_with_its_parent(tmp_path):
   """A middle process starts the server with --parent_pid and is SIGKILLed: the server stops."""
   log = tmp_path / "server.log"
   middle = subprocess.Popen([sys.executable, "-c", (
       "import os, subprocess, sys, time\n"
       f"log = open({str(log)!r}, 'wb')\n"
-      f"subprocess.Popen([sys.executable, {str(ROOT / 'launch' / 'serve_simulator.py')!r}, "
+      "subprocess.Popen([sys.executable, '-m', 'trustee_jax.serving', "
       "'--model=tiny-llama', '--dtype=bfloat16', '--port=0', '--num_slots=2', '--cache_len=256', "
       "f'--parent_pid={os.getpid()}'], stdout=log, stderr=subprocess.STDOUT)\n"
       "time.sleep(3600)\n")], env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -47,6 +47,96 @@ def test_make_mesh_checks_its_shape():
     shd.make_mesh((1, 2, n))
 
 
+# ------------------------------------------------------------------ axes carried by parameters
+
+# The name -> axes table the models were sharded by before the axes moved onto the parameters.
+OLD_TABLE = {
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",),
+    "attn_norm": ("layers", "norm"), "wq": ("layers", "embed", "q_heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "q_heads", "head_dim", "embed"), "bq": ("layers", "q_heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"), "bv": ("layers", "kv_heads", "head_dim"),
+    "q_norm": ("layers", "norm"), "k_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+_COMMON = {"embed", "final_norm", "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate",
+           "w_up", "w_down"}
+
+
+def _abstract_state(name, **overrides):
+  from flax import nnx
+
+  from trustee_jax.models.model_configs import get_model_config
+  from trustee_jax.models.transformer import Transformer
+  cfg = get_model_config(name, **overrides)
+  return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("tiny-qwen2", {"bq", "bk", "bv"}), ("tiny-qwen3", {"q_norm", "k_norm"}),
+    ("tiny-llama", set())])
+def test_every_parameter_carries_its_logical_axes(name, extra):
+  from trustee_jax.models.model_configs import get_model_config
+  state = _abstract_state(name)
+  if not get_model_config(name).tie_embeddings:
+    extra = extra | {"lm_head"}
+  assert set(state) == _COMMON | extra
+  for key, var in state.items():
+    assert var.get_metadata()[shd.AXES_KEY] == OLD_TABLE[key], key
+    assert len(OLD_TABLE[key]) == var.ndim
+
+
+def test_a_loaded_model_keeps_the_axes(tmp_path):
+  from flax import nnx
+
+  from trustee_jax.models import weights
+  from trustee_jax.models.model_configs import get_model_config
+  from trustee_jax.models.transformer import create_model
+  cfg = get_model_config("tiny-qwen2", vocab_size=128)
+  loaded = weights.load_hf(weights.save_hf(create_model(cfg), tmp_path))
+  assert {k: v.get_metadata()[shd.AXES_KEY] for k, v in nnx.state(loaded).items()} == {
+      k: OLD_TABLE[k] for k in nnx.state(loaded)}
+
+
+def test_a_parameter_without_axes_is_an_error_naming_it():
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  state = _abstract_state("tiny-llama")
+  shd.state_shardings(state, MESH)  # the model's own state: every leaf has axes
+  missing = nnx.State({"lora": {"extra": nnx.Param(jax.ShapeDtypeStruct((4, 8), jnp.float32))}})
+  with pytest.raises(ValueError, match="parameter 'lora/extra' .*has no logical axes"):
+    shd.state_shardings(missing, MESH)
+  wrong = nnx.State({"w": nnx.Param(jnp.zeros((4, 8)), **shd.param_metadata(("embed",)))})
+  with pytest.raises(ValueError, match=r"parameter 'w' has 1 logical axes \('embed',\) for its 2"):
+    shd.state_shardings(wrong, MESH)
+  with pytest.raises(ValueError, match="parameter 'w' .*has no logical axes"):
+    shd.state_shardings({"w": jnp.zeros((4, 8))}, MESH)  # a bare array has none either
+
+
+def test_rules_from_config_overrides_entries_and_names_unknown_ones():
+  import ml_collections
+
+  from trustee_jax.default_config import default_config
+  assert shd.rules_from_config(default_config().mesh.rules) == shd.LOGICAL_RULES
+  rules = shd.rules_from_config(ml_collections.ConfigDict({"mlp": None,
+                                                          "embed": ("data", "fsdp")}))
+  assert [n for n, _ in rules] == [n for n, _ in shd.LOGICAL_RULES]
+  assert dict(rules)["mlp"] is None and dict(rules)["embed"] == ("data", "fsdp")
+  assert dict(rules)["vocab"] == "tensor"  # the rest as LOGICAL_RULES
+  w_up = _abstract_state("tiny-qwen3")["w_up"]
+  spec = lambda r: shd.state_shardings(  # noqa: E731
+      {"w_up": w_up}, MESH, r)["w_up"].get_value().spec
+  assert spec(shd.LOGICAL_RULES) == P(None, "fsdp", "tensor")
+  assert spec(rules) == P(None, "fsdp", None)
+  with pytest.raises(ValueError, match=r"unknown logical axis name\(s\) \['mlps'\]"):
+    shd.rules_from_config({"mlps": None})
+  with pytest.raises(ValueError, match="mesh.rules.mlp: unknown mesh axis 'model'"):
+    shd.rules_from_config({"mlp": "model"})
+
+
 # ------------------------------------------------------------------ 8 devices, in a child
 
 
@@ -111,6 +201,16 @@ def _child() -> dict:
                                             - np.asarray(a)).max()) for n, a in arrays.items())
       res["loaded_forward_rel"] = rel(fwd(loaded, tokens, pos), ref)
     out[label] = res
+  # mesh.rules from a config: mlp -> None replicates the MLP weights on a 2-device tensor axis
+  from trustee_jax.models import loading
+  two = shd.make_mesh((1, 1, 2), devices=jax.devices()[:2])
+  spec = lambda m, n: [s for s in getattr(m, n)[...].sharding.spec]  # noqa: E731
+  default = loading.load_model("tiny-qwen3", mesh=two)
+  replicated = loading.load_model("tiny-qwen3", mesh=two,
+                                  rules=shd.rules_from_config({"mlp": None}))
+  out["rules"] = {"default": {n: spec(default, n) for n in ("w_up", "wq")},
+                  "override": {n: spec(replicated, n) for n in ("w_up", "wq")},
+                  "model_rules": dict(replicated.rules)["mlp"]}
   return out
 
 
@@ -153,6 +253,13 @@ def test_divisible_heads_are_split_over_tensor(eight_devices):
   assert r["specs"]["q_norm"] == [None, None]
   assert r["shard_shapes"]["wq"] == [2, 32, 2, 16]
   assert r["shard_shapes"]["wk"] == [2, 32, 1, 16]
+
+
+def test_rules_from_a_config_move_a_parameter_on_two_devices(eight_devices):
+  r = eight_devices["rules"]
+  assert r["default"] == {"w_up": [None, None, "tensor"], "wq": [None, None, "tensor", None]}
+  assert r["override"] == {"w_up": [None, None, None], "wq": [None, None, "tensor", None]}
+  assert r["model_rules"] is None  # the model's activations follow the same rules
 
 
 @pytest.mark.parametrize("label", ["smollm2", "divisible"])

@@ -33,7 +33,7 @@ def rule_reward(prompt, answer) -> float:
 def train_toy(steps: int, *, negate: bool = False, shift_mask: bool = False, seed: int = 0,
               lr: float = 2e-3, tasks: int = TASKS):
   model = create_model(TOY, seed=seed)
-  graphdef, params = nnx.split(model)
+  graphdef, params, frozen = update.split(model)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
   opt_state = opt.init(params)
   gcfg = grpo.GRPOConfig(kl_beta=0.0, dual_clip_c=None)
@@ -53,18 +53,18 @@ def train_toy(steps: int, *, negate: bool = False, shift_mask: bool = False, see
       rewards = np.array([rule_reward(p, o.tokens) for p, o in zip(reqs, outs)], np.float32)
       success.append(float(np.mean(rewards == 1.0)))
       tokens = np.array([p + o.tokens for p, o in zip(reqs, outs)], np.int32)
-      mask = np.zeros_like(tokens, np.float32)
-      mask[:, 4:] = 1.0
+      mask = np.zeros((len(reqs), 5), np.float32)  # aligned with the targets tokens[:, 1:]
+      mask[:, 3:] = 1.0
       if shift_mask:
         mask = np.roll(mask, -1, axis=1)
       old = np.zeros_like(mask)
-      old[:, 4:] = [o.logprobs for o in outs]
+      old[:, 3:] = [o.logprobs for o in outs]
       adv = grpo.group_advantages(jnp.asarray(rewards), jnp.repeat(jnp.arange(tasks), GROUP),
                                   jnp.ones(len(reqs), bool), gcfg, num_groups=tasks)
       batch = {"tokens": tokens, "positions": np.tile(np.arange(6, dtype=np.int32), (len(reqs), 1)),
                "loss_mask": mask, "old_logprobs": old, "turn_rewards": np.zeros_like(mask),
                "advantages": -adv if negate else adv}
-      params, opt_state, metrics = step_fn(params, opt_state,
+      params, opt_state, metrics = step_fn(params, frozen, opt_state,
                                            {k: jnp.asarray(v) for k, v in batch.items()})
       assert float(metrics["skipped"]) == 0.0
       engine.update_params(params)
@@ -89,14 +89,14 @@ def test_grpo_learns_the_toy_task_and_controls_do_not():
 
 def test_update_is_invariant_to_micro_batching():
   model = create_model(TOY, seed=1)
-  graphdef, params = nnx.split(model)
+  graphdef, params, frozen = update.split(model)
   rng = np.random.default_rng(0)
   n, t = 8, 6
   batch = {"tokens": rng.integers(0, VOCAB, (n, t)).astype(np.int32),
            "positions": np.tile(np.arange(t, dtype=np.int32), (n, 1)),
-           "loss_mask": (rng.random((n, t)) > 0.3).astype(np.float32),
-           "old_logprobs": -rng.random((n, t)).astype(np.float32) * 3,
-           "turn_rewards": np.zeros((n, t), np.float32),
+           "loss_mask": (rng.random((n, t - 1)) > 0.3).astype(np.float32),
+           "old_logprobs": -rng.random((n, t - 1)).astype(np.float32) * 3,
+           "turn_rewards": np.zeros((n, t - 1), np.float32),
            "advantages": rng.normal(size=n).astype(np.float32)}
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   opt = optax.sgd(1.0)
@@ -104,7 +104,7 @@ def test_update_is_invariant_to_micro_batching():
   for micro in (8, 2):
     fn = update.make_update_fn(graphdef, opt, grpo.GRPOConfig(kl_beta=0.0), micro_batch=micro,
                                chunk_size=16)
-    outs.append(fn(params, opt.init(params), batch))
+    outs.append(fn(jax.tree_util.tree_map(jnp.copy, params), frozen, opt.init(params), batch))
   (p1, _, m1), (p4, _, m4) = outs
   np.testing.assert_allclose(m1["loss"], m4["loss"], atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4)):
@@ -113,15 +113,16 @@ def test_update_is_invariant_to_micro_batching():
 
 def test_non_finite_step_is_skipped_and_params_kept():
   model = create_model(TOY, seed=2)
-  graphdef, params = nnx.split(model)
+  graphdef, params, frozen = update.split(model)
   opt = optax.adam(1e-2)
   fn = update.make_update_fn(graphdef, opt, grpo.GRPOConfig(kl_beta=0.0), micro_batch=2,
                              chunk_size=16)
   n, t = 2, 4
   batch = {"tokens": jnp.ones((n, t), jnp.int32), "positions": jnp.tile(jnp.arange(t), (n, 1)),
-           "loss_mask": jnp.ones((n, t)), "old_logprobs": jnp.zeros((n, t)),
-           "turn_rewards": jnp.zeros((n, t)), "advantages": jnp.array([jnp.nan, 1.0])}
-  new_params, _, metrics = fn(params, opt.init(params), batch)
+           "loss_mask": jnp.ones((n, t - 1)), "old_logprobs": jnp.zeros((n, t - 1)),
+           "turn_rewards": jnp.zeros((n, t - 1)), "advantages": jnp.array([jnp.nan, 1.0])}
+  kept = jax.tree_util.tree_map(np.asarray, params)  # the update donates `params`
+  new_params, _, metrics = fn(params, frozen, opt.init(kept), batch)
   assert float(metrics["skipped"]) == 1.0
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(new_params)):
+  for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(new_params)):
     np.testing.assert_array_equal(a, b)

@@ -5,7 +5,7 @@ import importlib.util
 import httpx
 import pytest
 
-from trustee_jax import world
+from trustee_jax import rollout, world
 from trustee_jax.default_config import default_config
 
 
@@ -47,3 +47,22 @@ def test_llamacpp_backend_starts_each_process_on_its_own_port(tmp_path):
 def test_unknown_backend_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match="simulator.backend"):
     world.start_embedded_servers(_cfg(tmp_path, backend="vllm").simulator)
+
+
+def test_doubles_world_is_a_rollout_world():
+  """SimWorld has everything the Trainer and rollout call (rollout.World, a Protocol)."""
+  cfg = default_config()
+  cfg.simulator.mode = "doubles"
+
+  async def go():
+    w = await world.build_world(cfg)
+    assert isinstance(w, rollout.World)
+    assert await w.make_tasks([], seed=0) == [] and isinstance(w.stats(), dict)
+    await w.aclose()
+  asyncio.run(go())
+
+
+def test_servers_start_as_package_modules(tmp_path):
+  """Started with `python -m`, so an install without the checkout's launch/ directory works."""
+  sim = _cfg(tmp_path, backend="jax", model="tiny-llama").simulator
+  assert world._jax_server_cmd(sim, 0)[1:3] == ["-m", "trustee_jax.serving"]

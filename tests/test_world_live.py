@@ -15,7 +15,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from trustee_jax import seeding
 from trustee_jax.chat import ToolCall
+from trustee_jax.serving.server import ServerThread, load_simulator
 from trustee_jax.simulator import doubles
 from trustee_jax.simulator import judge as judge_lib
 from trustee_jax.simulator import tasks as tasks_lib
@@ -23,7 +25,6 @@ from trustee_jax.simulator import tools as tools_lib
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator import user as user_lib
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient
-from trustee_jax.simulator.server import ServerThread, load_simulator
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +165,7 @@ def test_task_generator_output_is_valid_or_regenerated(server):
     raws = [reply for _, _, reply, _ in rec.replies]
     assert [role for role, *_ in rec.replies] == ["task"] * len(raws)
     assert [s["seed"] for *_, s in rec.replies] == [
-        tasks_lib.derive_seed(req.seed, k) for k in range(len(raws))]  # a new seed each attempt
+        seeding.retry_seed(req.seed, k) for k in range(len(raws))]  # a new seed each attempt
     for raw in raws:
       assert_valid(raw, schema)
     problems = [tasks_lib.task_problems(raw, schema, names) for raw in raws]

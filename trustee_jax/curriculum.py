@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trustee_jax import config_dataclass
+
 ASPECTS = ("num_tools", "num_expected_calls", "persona_level", "ambiguity_level", "expected_turns",
            "system_prompt_level", "num_criteria", "max_user_turns", "max_assistant_turns",
            "max_tool_turns")
@@ -100,20 +102,16 @@ class CurriculumConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "CurriculumConfig":
-    """Builds from a mapping or ml_collections ConfigDict; accepts the reference's aspect names."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown curriculum config keys {sorted(unknown)}")
-    if "multipliers" in d:
-      given = {canonical_aspect(k): float(v) for k, v in dict(d["multipliers"]).items()}
-      d["multipliers"] = tuple((n, given.get(n, m)) for n, m in REFERENCE_MULTIPLIERS)
-    if "caps" in d:
-      d["caps"] = tuple((canonical_aspect(k), int(v)) for k, v in dict(d["caps"]).items())
-    for key in ("soft_aspects", "pinned"):
-      if key in d:
-        d[key] = tuple(canonical_aspect(n) for n in d[key])
-    return cls(**d)
+    """Builds from a mapping or ml_collections ConfigDict; accepts the reference's aspect names
+    (multipliers and caps as {aspect: value}; aspects a multipliers mapping omits keep the
+    reference's). Unknown keys are an error."""
+    def multipliers(v):
+      given = {canonical_aspect(k): float(m) for k, m in dict(v).items()}
+      return tuple((n, given.get(n, m)) for n, m in REFERENCE_MULTIPLIERS)
+    aspects = lambda v: tuple(canonical_aspect(n) for n in v)
+    return config_dataclass.from_config(cls, d, block="curriculum", convert={
+        "multipliers": multipliers, "soft_aspects": aspects, "pinned": aspects,
+        "caps": lambda v: tuple((canonical_aspect(k), int(c)) for k, c in dict(v).items())})
 
   def multiplier(self, name: str) -> float:
     return dict(self.multipliers)[name]

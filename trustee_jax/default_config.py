@@ -1,5 +1,21 @@
-"""The full default run config; configs/*.py start from it and change what differs."""
+"""The full default run config; configs/*.py start from it and change what differs.
+
+This is the one source of defaults: the dataclasses built from its blocks (rollout, grpo,
+curriculum, world.*; through config_dataclass.from_config, which rejects unknown keys) default
+to the same values (tests/test_config.py checks every field set here)."""
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def role_sampling(max_tokens: int, temperature: float | None = None) -> dict:
+  """The sampling fields that the world.task/user/tools/judge blocks share (those that
+  simulator/tasks.py's sampling_kwargs passes to the simulator). An unset field
+  (None) leaves that setting to the simulator server; each is a typed placeholder, so that it
+  can still be set on the command line (--config.world.user.temperature=0.7)."""
+  return dict(max_tokens=max_tokens,
+              temperature=placeholder(float) if temperature is None else temperature,
+              top_p=placeholder(float), frequency_penalty=placeholder(float),
+              chat_template_kwargs=placeholder(dict))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -9,7 +25,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout_concurrency = 0  # episodes in flight (0: all)
 
   # (data, fsdp, tensor) sizes over all processes' devices, -1 for "the rest"; () = one device.
-  c.mesh = ml_collections.ConfigDict(dict(shape=()))
+  # rules: overrides of sharding.LOGICAL_RULES, logical name -> mesh axis, tuple of them or None
+  # (replicated), e.g. {"mlp": None}; empty = LOGICAL_RULES (sharding.rules_from_config).
+  c.mesh = ml_collections.ConfigDict(dict(shape=(), rules={}))
   # Several processes (distributed.py): mode env ($JAX_COORDINATOR_ADDRESS, ... or the fields
   # below; none set = one process) or auto (Cloud TPU, SLURM, ...). -1 / "": unset.
   c.distributed = ml_collections.ConfigDict(dict(
@@ -22,24 +40,27 @@ def default_config() -> ml_collections.ConfigDict:
                                             unstack_layers=True))
 
   # The frozen LM world. mode: embedded (a server this run starts) | url (SGLang) | doubles.
-  # backend (embedded only): jax (serve_simulator.py) | llamacpp (`processes` 1-thread servers).
+  # backend (embedded only): jax (python -m trustee_jax.serving) | llamacpp (`processes`
+  # 1-thread servers). doubles_judge (doubles only): rule (the home world's checked judge) |
+  # coin (a hash of the policy's words: variance without meaning, for mechanics tests).
   c.simulator = ml_collections.ConfigDict(dict(
-      mode="embedded", backend="jax", processes=1, dtype="",
+      mode="embedded", backend="jax", processes=1, dtype="", doubles_judge="rule",
       urls=(), api_key="", model="smollm2", tokenizer="", port=0,  # 0: any free port
       num_slots=16, cache_len=4096, timeout_s=120.0, max_retries=3, max_concurrency=16,
       startup_timeout_s=600.0, log_dir="."))
   c.world = ml_collections.ConfigDict()
   c.world.tool_pool = ""  # "" = the shipped pool; or a path (TRUSTEE's toolbench_tools.json)
   c.world.lenient_pool = False
-  c.world.task = ml_collections.ConfigDict(dict(hidden_facts=True, initial_state=True,
-                                                expected_arguments=True, max_attempts=3,
-                                                max_tokens=1024, temperature=1.0))
-  c.world.user = ml_collections.ConfigDict(dict(max_tokens=384))
-  c.world.tools = ml_collections.ConfigDict(dict(schema_check=True, use_ledger=True,
-                                                 max_result_chars=512, max_parallel_calls=3,
-                                                 max_tokens=512))
-  c.world.judge = ml_collections.ConfigDict(dict(num_votes=1, max_criteria=5, max_tokens=512,
-                                                 mode="lm"))  # lm | rule | blend | questions
+  c.world.task = ml_collections.ConfigDict(dict(
+      hidden_facts=True, initial_state=True, expected_arguments=True, max_attempts=3,
+      **role_sampling(max_tokens=1024, temperature=1.0)))
+  c.world.user = ml_collections.ConfigDict(role_sampling(max_tokens=384))
+  c.world.tools = ml_collections.ConfigDict(dict(
+      schema_check=True, use_ledger=True, max_result_chars=512, max_parallel_calls=3,
+      **role_sampling(max_tokens=512)))
+  c.world.judge = ml_collections.ConfigDict(dict(
+      num_votes=1, max_criteria=5, mode="lm",  # lm | rule | blend | questions
+      **role_sampling(max_tokens=512)))
 
   c.curriculum = ml_collections.ConfigDict(dict(mode="level"))
   c.grpo = ml_collections.ConfigDict(dict(
@@ -47,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
       kl_beta=0.001, kl_type="low_var_kl", agg="token-mean"))
   c.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_turn_tokens=512, max_episode_tokens=4096, temperature=1.0, top_p=1.0,
-      top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0))
+      top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0,
+      accept_untagged_calls=False))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,

@@ -17,10 +17,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from trustee_jax import lora
 from trustee_jax.chat import ChatFormat
 from trustee_jax.models import loading, weights
 from trustee_jax.models import tokenizer as tok_lib
 from trustee_jax.models.transformer import ModelConfig, RopeScaling, Transformer
+from trustee_jax.policy import load_policy, model_meta
 
 
 class ExportError(ValueError):
@@ -116,8 +118,7 @@ def model_config_from_meta(meta_model: dict[str, Any], cfg: ml_collections.Confi
 
 
 def check_model_config(mcfg: ModelConfig, meta_model: dict[str, Any]) -> None:
-  """The rebuilt config must give back exactly the meta it was read from (as train.model_meta)."""
-  from trustee_jax.train import model_meta  # the one definition of what the Trainer stores
+  """The rebuilt config must give back exactly the meta it was read from (policy.model_meta)."""
   rebuilt = model_meta(type("M", (), {"cfg": mcfg})())
   diff = {k: (meta_model.get(k), rebuilt.get(k)) for k in set(meta_model) | set(rebuilt)
           if meta_model.get(k) != rebuilt.get(k)}
@@ -157,8 +158,6 @@ def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[st
                         cfg: ml_collections.ConfigDict) -> Transformer:
   """A LoRA run's policy: its base loaded as the run loaded it (`cfg.model.name`; the
   checkpoint holds only the adapters), the saved adapters restored and merged into it."""
-  from trustee_jax import lora
-  from trustee_jax.train import load_policy, model_meta
   base_model, _ = load_policy(cfg)
   if model_meta(base_model) != meta["model_config"]:
     raise ExportError(f"the base model {cfg.model.name!r} is not the one the adapters of "
@@ -267,7 +266,6 @@ def export_base(model: str, out_dir: str | pathlib.Path, *, tokenizer: str = "",
   """The untrained policy a run starts from (named as `models.loading` names it; `tokenizer`
   only for a named random shape, default the implied one) in the same layout, with step 0:
   the base side of a comparison."""
-  from trustee_jax.train import load_policy  # the one definition of how a run loads it
   out = _fresh_out(out_dir)
   cfg = ml_collections.ConfigDict({"seed": seed, "model": {"name": model, "tokenizer": tokenizer}})
   net, tok = load_policy(cfg)

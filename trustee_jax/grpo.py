@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trustee_jax import config_dataclass
+
 TURN_MODES = ("uniform", "sign", "relu", "linear", "sign-linear", "abs-linear", "relu-abs")
 # Modes that can never give a token an advantage of the opposite sign to its episode's A (so a bad
 # turn of a failed episode is never rewarded); `relu` and `linear` can, and are kept for parity.
@@ -64,11 +66,7 @@ class GRPOConfig:
   @classmethod
   def from_dict(cls, d: Any) -> "GRPOConfig":
     """Builds from a mapping or ml_collections ConfigDict; unknown keys are an error."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown GRPO config keys {sorted(unknown)}")
-    return cls(**d)
+    return config_dataclass.from_config(cls, d, block="GRPO")
 
 
 def _group_moments(rewards, group_ids, valid, num_groups, bessel):

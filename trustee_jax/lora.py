@@ -7,23 +7,19 @@ holds a whole merged copy. B starts at zero, so a fresh adapter is the base exac
 frozen base with adapters off is the KL reference for free. `merge` folds the adapters into a
 plain Transformer for export (weights.save_hf) or for a sampler that should not pay the merge.
 
-The update differentiates the adapters only: `make_lora_update_fn` has the signature of
-`update.make_update_fn`'s result with the base bound as a jit argument (never a constant).
+This module is the model surgery only (add, split, merge); the update that differentiates the
+adapters alone is `update.make_update_fn` over `update.split(model)`, as for a full fine-tune.
 """
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from trustee_jax import grpo
 from trustee_jax import sharding as shd
-from trustee_jax import update as update_lib
-from trustee_jax.models.transformer import PARAM_AXES, ModelConfig, Transformer
+from trustee_jax.models.transformer import ModelConfig, Transformer
 
 Array = jax.Array
 
@@ -74,13 +70,14 @@ class LoraParam(nnx.Param):
   """An adapter parameter: the only kind a LoRA update differentiates."""
 
 
-def adapter_axes(name: str) -> tuple[str, ...]:
-  """Logical axes of an adapter leaf ('wq_a', 'w_down_b', ...), from its target's axes."""
+def adapter_axes(name: str, target_axes: tuple[str, ...]) -> tuple[str, ...]:
+  """Logical axes of an adapter leaf ('wq_a', 'w_down_b', ...) from its target W's axes:
+  A keeps W's layer and input axes, B its layer and output axes; the rank is 'lora_rank'."""
   target, part = name.rsplit("_", 1)
-  axes, n_in = PARAM_AXES[target], INPUT_DIMS[target]
+  axes, n_in = tuple(target_axes), INPUT_DIMS[target]
   if part == "a":
     return axes[:1 + n_in] + ("lora_rank",)
-  return ("layers", "lora_rank") + axes[1 + n_in:]
+  return axes[:1] + ("lora_rank",) + axes[1 + n_in:]
 
 
 def _delta(a: Array, b: Array, scale: float) -> Array:
@@ -106,26 +103,26 @@ class LoraWeight:
 
 
 class LoraAdapters(nnx.Module):
-  """`{target}_a` (uniform, PEFT's bound 1/sqrt(fan_in)) and `{target}_b` (zeros)."""
+  """`{target}_a` (uniform, PEFT's bound 1/sqrt(fan_in)) and `{target}_b` (zeros), each
+  carrying its logical axes (`adapter_axes`) as metadata, as the base parameters do."""
 
-  def __init__(self, cfg: ModelConfig, lcfg: LoraConfig, shapes: dict[str, tuple[int, ...]],
-               rngs: nnx.Rngs):
+  def __init__(self, lcfg: LoraConfig, targets: dict[str, nnx.Variable], rngs: nnx.Rngs):
     pdt = jnp.dtype(lcfg.param_dtype)
     for name in lcfg.targets:
-      shape, n_in = shapes[name], INPUT_DIMS[name]
-      ins, outs = shape[1:1 + n_in], shape[1 + n_in:]
+      w, n_in = targets[name], INPUT_DIMS[name]
+      axes = w.get_metadata()[shd.AXES_KEY]
+      layers, ins, outs = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
       bound = 1.0 / math.sqrt(math.prod(ins))
-      a = jax.random.uniform(rngs.params(), (cfg.num_layers, *ins, lcfg.rank), pdt,
-                             -bound, bound)
-      setattr(self, f"{name}_a", LoraParam(a))
-      setattr(self, f"{name}_b", LoraParam(jnp.zeros((cfg.num_layers, lcfg.rank, *outs), pdt)))
+      a = jax.random.uniform(rngs.params(), (layers, *ins, lcfg.rank), pdt, -bound, bound)
+      b = jnp.zeros((layers, lcfg.rank, *outs), pdt)
+      for part, value in (("a", a), ("b", b)):
+        leaf = f"{name}_{part}"
+        setattr(self, leaf, LoraParam(value, **shd.param_metadata(adapter_axes(leaf, axes))))
 
 
-def _target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  return {"wq": (L, d, h, hd), "wk": (L, d, kv, hd), "wv": (L, d, kv, hd), "wo": (L, h, hd, d),
-          "w_gate": (L, d, f), "w_up": (L, d, f), "w_down": (L, f, d)}
+def _targets(base: Transformer) -> dict[str, nnx.Variable]:
+  """The (possibly abstract) base parameters that can take adapters: shapes and axes."""
+  return {name: getattr(base, name) for name in INPUT_DIMS}
 
 
 class LoraTransformer(Transformer):
@@ -135,7 +132,7 @@ class LoraTransformer(Transformer):
                rules=shd.LOGICAL_RULES, lora_seed: int = 0):
     super().__init__(cfg, rngs, mesh=mesh, rules=rules)
     self.lora_cfg = lora
-    self.lora = LoraAdapters(cfg, lora, _target_shapes(cfg), nnx.Rngs(lora_seed))
+    self.lora = LoraAdapters(lora, _targets(self), nnx.Rngs(lora_seed))
 
   def _layer_params(self) -> dict[str, Any]:
     lp = super()._layer_params()
@@ -146,15 +143,6 @@ class LoraTransformer(Transformer):
 
 
 # ---------------------------------------------------------------------------- building
-
-
-def adapter_shardings(state: nnx.State, mesh, rules=shd.LOGICAL_RULES):
-  """Adapter shardings by their logical axes: A's input dims split like W's, rank replicated."""
-  def one(path, leaf):
-    names = [str(getattr(k, "key", k)) for k in path]
-    name = next(n for n in reversed(names) if n.endswith(("_a", "_b")))
-    return shd.named_sharding(mesh, rules, adapter_axes(name), leaf.shape)
-  return jax.tree_util.tree_map_with_path(one, state)
 
 
 def abstract_model(cfg: ModelConfig, lcfg: LoraConfig, *, mesh=None, rules=shd.LOGICAL_RULES,
@@ -172,7 +160,7 @@ def init_adapters(cfg: ModelConfig, lcfg: LoraConfig, *, seed: int = 0, mesh=Non
     return nnx.split(m, LoraParam, ...)[1]  # the base it built is dead code under jit
   if mesh is None:
     return jax.jit(make)()
-  shardings = adapter_shardings(jax.eval_shape(make), mesh, rules)
+  shardings = shd.state_shardings(jax.eval_shape(make), mesh, rules)
   return jax.jit(make, out_shardings=shardings)()
 
 
@@ -229,88 +217,11 @@ def merge(model: LoraTransformer, adapters: nnx.State | None = None) -> Transfor
   return nnx.merge(base_graphdef(model), merged)
 
 
-# ---------------------------------------------------------------------------- training
-
-
-def _loss(adapters, base, graphdef, mb, normaliser, cfg, temperature, chunk_size):
-  params = nnx.merge_state(adapters, base)
-  return update_lib._micro_loss(params, graphdef, mb, normaliser, cfg, temperature, chunk_size)
-
-
-def make_lora_update_fn(graphdef: nnx.GraphDef, base: nnx.State,
-                        optimizer: optax.GradientTransformation, cfg: grpo.GRPOConfig, *,
-                        micro_batch: int, temperature: float = 1.0, chunk_size: int = 8192
-                        ) -> Callable:
-  """`update(adapters, opt_state, batch) -> (adapters, opt_state, metrics)`, the GRPO update
-  of update.make_update_fn (same batch, micro-batching, NaN guard and metrics) on the
-  adapters alone. `base` is passed to the jitted step as an argument on every call (no
-  16 GB constant), and gets no gradient; graphdef comes from `split(model)`.
-  """
-  grad_fn = jax.value_and_grad(_loss, has_aux=True)
-
-  @jax.jit
-  def step(adapters, opt_state, base, batch):
-    n = batch["tokens"].shape[0]
-    if n % micro_batch:
-      raise ValueError(f"batch of {n} is not a multiple of micro_batch {micro_batch}")
-    normaliser = grpo.loss_normaliser(batch["loss_mask"][:, 1:], cfg)
-    micro = jax.tree_util.tree_map(
-        lambda x: x.reshape((n // micro_batch, micro_batch) + x.shape[1:]), batch)
-    args = (graphdef, normaliser, cfg, temperature, chunk_size)
-
-    def accumulate(carry, mb):
-      grads, metrics = carry
-      (_, m), g = grad_fn(adapters, base, graphdef, mb, *args[1:])
-      return (jax.tree_util.tree_map(jnp.add, grads, g),
-              jax.tree_util.tree_map(jnp.add, metrics, m)), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    metric_zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss(adapters, base, graphdef, first, *args[1:])[1]))
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, adapters)
-    (grads, summed), _ = jax.lax.scan(accumulate, (zeros, metric_zeros), micro)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(summed["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, opt_state, adapters)
-    new_adapters = optax.apply_updates(adapters, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-        lambda x, y: jnp.where(finite, x, y), new, old)
-    metrics = grpo.finalize_metrics(summed)
-    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-    return keep(new_adapters, adapters), keep(new_opt, opt_state), metrics
-
-  def update(adapters, opt_state, batch):
-    return step(adapters, opt_state, base, batch)
-
-  update.step = step  # the jitted function, for ahead-of-time lowering
-  return update
-
-
-def make_lora_logprob_fn(graphdef: nnx.GraphDef, base: nnx.State, *, temperature: float,
-                         chunk_size: int) -> Callable:
-  """`fn(adapters, tokens, positions) -> logp [N, T-1]` of the adapted policy."""
-  @jax.jit
-  def fn(adapters, base, tokens, positions):
-    return update_lib.token_logprobs(graphdef, nnx.merge_state(adapters, base), tokens,
-                                     positions, temperature=temperature,
-                                     chunk_size=chunk_size)[0]
-  return lambda adapters, tokens, positions: fn(adapters, base, tokens, positions)
-
-
-def make_reference_logprob_fn(model: LoraTransformer, *, temperature: float,
-                              chunk_size: int) -> Callable:
-  """`fn(base, tokens, positions) -> logp` of the frozen base, adapters off: the KL reference
-  without a second copy of the weights (pass the `base` state from `split`)."""
-  return update_lib.make_logprob_fn(base_graphdef(model), temperature=temperature,
-                                    chunk_size=chunk_size)
-
-
 def lora_param_count(cfg: ModelConfig, lcfg: LoraConfig) -> int:
-  """Adapter parameters of a model shape, without building anything."""
-  shapes = _target_shapes(cfg)
+  """Adapter parameters of a model shape, from its abstract state (nothing allocated)."""
+  targets = _targets(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   total = 0
   for name in lcfg.targets:
-    shape, n_in = shapes[name], INPUT_DIMS[name]
-    total += cfg.num_layers * lcfg.rank * (math.prod(shape[1:1 + n_in])
-                                           + math.prod(shape[1 + n_in:]))
+    shape, n_in = targets[name].shape, INPUT_DIMS[name]
+    total += shape[0] * lcfg.rank * (math.prod(shape[1:1 + n_in]) + math.prod(shape[1 + n_in:]))
   return total

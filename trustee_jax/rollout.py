@@ -8,24 +8,28 @@ calls and to show the simulators the conversation; it is never re-encoded.
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from trustee_jax import chat as chat_lib
 from trustee_jax.sampling.engine import EngineError, SamplingParams
+from trustee_jax.seeding import derive_seed
 from trustee_jax.simulator.client import SimulatorError
-from trustee_jax.simulator.tools import ToolLedger
+from trustee_jax.simulator.judge import Judgement
+from trustee_jax.simulator.tasks import Task
+from trustee_jax.simulator.tools import ToolLedger, ToolResult
+from trustee_jax.simulator.user import UserReply
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """Sampling and budgets of policy turns (per-episode turn budgets come from the knobs)."""
   group_size: int = 8
-  max_turn_tokens: int = 256
-  max_episode_tokens: int = 2048
+  max_turn_tokens: int = 512
+  max_episode_tokens: int = 4096
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
@@ -38,20 +42,70 @@ class RolloutConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "RolloutConfig":
-    d = dict(d)
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    """From the `rollout` block; an unknown key is a ValueError naming it."""
+    from trustee_jax import config_dataclass  # pylint: disable=import-outside-toplevel
+    return config_dataclass.from_config(cls, d, block="rollout")
 
 
 class PromptTooLongError(ValueError):
   """A task whose first prompt (system prompt, tools, first query) leaves no room for a turn."""
 
 
-@dataclasses.dataclass
-class World:
-  """The simulated world's roles (LM-backed or the rule-based doubles)."""
-  user: Any  # async respond(task, messages, seed) -> UserReply
-  tools: Any  # async execute(task, ledger, calls, seed) -> list[ToolResult]
-  judge: Any  # async score(task, messages, num_criteria, seed) -> Judgement
+class UserRole(Protocol):
+  """The simulated user: the next user message (or the end) after an assistant text turn."""
+
+  async def respond(self, task: Task, messages: list[dict[str, Any]], seed: int) -> UserReply: ...
+
+
+class ToolRole(Protocol):
+  """The simulated tools: one result per call, in order."""
+
+  async def execute(self, task: Task, ledger: ToolLedger, calls: list[chat_lib.ToolCall],
+                    seed: int) -> list[ToolResult]: ...
+
+
+class JudgeRole(Protocol):
+  """The judge: an episode's final score."""
+
+  async def score(self, task: Task, messages: list[dict[str, Any]], num_criteria: int,
+                  seed: int) -> Judgement: ...
+
+
+@runtime_checkable
+class Roles(Protocol):
+  """What an episode plays against: the world's three roles (LM-backed or the rule doubles)."""
+
+  @property
+  def user(self) -> UserRole: ...
+
+  @property
+  def tools(self) -> ToolRole: ...
+
+  @property
+  def judge(self) -> JudgeRole: ...
+
+
+@runtime_checkable
+class World(Roles, Protocol):
+  """The whole simulated world, as the Trainer uses it (world.SimWorld is the implementation):
+  the roles, task generation, counters, and shutdown."""
+
+  async def make_tasks(self, knobs_list: Sequence[Any], seed: int) -> list[Task]:
+    """One task per knobs (curriculum.TaskKnobs, or a TaskKnobs batch); failures are dropped
+    and counted, never padded, so fewer tasks may come back."""
+    ...
+
+  async def make_validation_tasks(self, knobs_list: Sequence[Any], seed: int) -> list[Task]:
+    """The fixed validation set: tasks no training step draws."""
+    ...
+
+  def stats(self) -> dict[str, float]:
+    """Counters to log (names prefixed `world/` and `simulator/`)."""
+    ...
+
+  async def aclose(self) -> None:
+    """Closes the client and stops any servers the world started."""
+    ...
 
 
 @dataclasses.dataclass
@@ -84,12 +138,6 @@ class RolloutResult:
   dropped_episodes: collections.Counter  # by cause
   dropped_groups: int
   sim_stats: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def derive_seed(*parts: int) -> int:
-  """A 31-bit seed from (seed, step, task, episode, turn, ...): resumable host randomness."""
-  digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
-  return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def _assistant_message(parsed, raw_text: str) -> dict[str, Any]:
@@ -128,7 +176,7 @@ class _Builder:
 
 
 async def run_episode(task, task_index: int, episode_index: int, *, engine, chat, tokenizer,
-                      world: World, cfg: RolloutConfig, seed: int) -> Episode:
+                      world: Roles, cfg: RolloutConfig, seed: int) -> Episode:
   """Plays one episode to its end; raises SimulatorError/EngineError on infrastructure failure."""
   knobs = task.knobs
   tools = task.tools
@@ -221,12 +269,12 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
   ep.turn_rewards = np.asarray(seq.turn_rewards, np.float32)
   ep.judge_score, ep.judge_reason = int(judgement.score), judgement.reason
   ep.judge_check = judgement.check
-  ep.reward = float(judgement.score) - cfg.invalid_call_penalty * ep.num_invalid_calls
+  ep.reward = episode_reward(judgement, ep, cfg)
   ep.messages, ep.num_turns = messages, assistant_turns
   return ep
 
 
-async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: RolloutConfig,
+async def run_rollouts(tasks, *, engine, chat, tokenizer, world: Roles, cfg: RolloutConfig,
                        seed: int, step: int, max_concurrent: int = 0,
                        min_group: int = 2) -> RolloutResult:
   """Runs len(tasks) x group_size episodes concurrently; drops failed episodes, and groups left
@@ -269,30 +317,14 @@ async def run_rollouts(tasks, *, engine, chat, tokenizer, world: World, cfg: Rol
   return RolloutResult(episodes, dropped, dropped_groups)
 
 
+def episode_reward(judgement: Judgement, episode: Episode, cfg: RolloutConfig) -> float:
+  """The scalar GRPO trains on: the judge's score less the format term per malformed or invalid
+  call (the per-turn simulator rewards ride apart, in Episode.turn_rewards)."""
+  return float(judgement.score) - cfg.invalid_call_penalty * episode.num_invalid_calls
+
+
 def pad_to_bucket(length: int, buckets: tuple[int, ...]) -> int:
   for b in buckets:
     if length <= b:
       return b
   raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
-
-
-def to_arrays(episodes: list[Episode], buckets: tuple[int, ...], pad_id: int = 0
-              ) -> dict[str, np.ndarray]:
-  """Right-padded batch arrays for the update; the length is bucketed to bound compiles."""
-  width = pad_to_bucket(max(len(e.tokens) for e in episodes), buckets)
-  n = len(episodes)
-  out = {"tokens": np.full((n, width), pad_id, np.int32),
-         "positions": np.full((n, width), -1, np.int32),
-         "loss_mask": np.zeros((n, width), np.float32),
-         "old_logprobs": np.zeros((n, width), np.float32),
-         "turn_rewards": np.zeros((n, width), np.float32)}
-  for i, e in enumerate(episodes):
-    t = len(e.tokens)
-    out["tokens"][i, :t] = e.tokens
-    out["positions"][i, :t] = np.arange(t)
-    out["loss_mask"][i, :t] = e.loss_mask
-    out["old_logprobs"][i, :t] = e.logprobs
-    out["turn_rewards"][i, :t] = e.turn_rewards
-  out["rewards"] = np.asarray([e.reward for e in episodes], np.float32)
-  out["group_ids"] = np.asarray([e.task_index for e in episodes], np.int32)
-  return out

@@ -17,31 +17,14 @@ import tqdm
 from flax import nnx
 
 from trustee_jax import curriculum as cur
-from trustee_jax import distributed, grpo, lora, rollout, update
+from trustee_jax import distributed, grpo, lora, rollout, seeding, step_batch, update
+from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like
 from trustee_jax.chat import ChatFormat
-from trustee_jax.models import loading
 from trustee_jax.sampling.engine import Engine
 from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger
 from trustee_jax.world import build_world
-
-
-def load_policy(cfg, mesh=None) -> tuple[Any, Any]:
-  """(model, tokenizer) from `cfg.model.name` (see `models.loading`: a packaged GGUF, a Hugging
-  Face directory, or a named random config, whose tokenizer `cfg.model.tokenizer` names), with
-  the weights in `cfg.model.param_dtype`; with a mesh they load straight into their shardings."""
-  m = cfg.model
-  tokenizer = loading.policy_tokenizer(m.name, m.get("tokenizer", ""))
-  return loading.load_model_and_tokenizer(
-      m.name, tokenizer, mesh=mesh, param_dtype=m.get("param_dtype"), dtype=m.get("dtype"),
-      seed=cfg.seed, remat_policy=m.get("remat_policy"))
-
-
-def model_meta(model) -> dict[str, Any]:
-  return {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
-          for k, v in dataclasses.asdict(model.cfg).items()
-          if k not in ("dtype", "remat_policy", "name")}
 
 
 def training_mesh(cfg):
@@ -52,17 +35,6 @@ def training_mesh(cfg):
     raise distributed.DistributedError(
         f"{jax.process_count()} processes need a mesh: set --config.mesh.shape")
   return distributed.global_mesh(shape) if shape else None
-
-
-def lora_config(cfg) -> lora.LoraConfig | None:
-  """The run's LoRA settings, or None for a full fine-tune (no `lora` block or not enabled)."""
-  block = cfg.get("lora")
-  if block is None or not block.get("enabled", False):
-    return None
-  if block.get("sampler_weights", "merged") not in ("merged", "adapters"):
-    raise ValueError(f"lora.sampler_weights must be 'merged' or 'adapters', got "
-                     f"{block.sampler_weights!r}")
-  return lora.LoraConfig.from_dict(block)
 
 
 def check_budgets(cfg) -> None:
@@ -114,40 +86,36 @@ class Trainer:
     if self.info.count > 1:  # each process writes its shards of one shared directory
       distributed.assert_shared_directory(self.workdir)
     # Host randomness (tasks, sampling) differs per process: each plays its own share of tasks.
-    self.host_seed = cfg.seed if self.info.count == 1 else rollout.derive_seed(
+    self.host_seed = cfg.seed if self.info.count == 1 else seeding.derive_seed(
         cfg.seed, 0x5EED, self.info.index)
     self.mesh = training_mesh(cfg)
-    self.model, self.tokenizer = load_policy(cfg, self.mesh)
+    model, self.tokenizer = policy_lib.load_policy(cfg, self.mesh)
     self.chat = ChatFormat(self.tokenizer)
     t = cfg.train
     self.grpo_cfg = grpo.GRPOConfig.from_dict(cfg.grpo)
     self.cur_cfg = cur.CurriculumConfig.from_dict(cfg.curriculum)
     self.rollout_cfg = rollout.RolloutConfig.from_dict(cfg.rollout)
     self.optimizer = update.build_optimizer(t.optimizer)
-    kw = dict(temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk)
-    self.lora_cfg = lora_config(cfg)
-    if self.lora_cfg is None:  # full fine-tune: the params are the whole model
-      self.graphdef, params = nnx.split(self.model)
-      self.base = None
-      self.update_fn = update.make_update_fn(self.graphdef, self.optimizer, self.grpo_cfg,
-                                             micro_batch=t.micro_batch, **kw)
-      self.logprob_fn = update.make_logprob_fn(self.graphdef, **kw)
-      self.ref_logprob_fn, ref = self.logprob_fn, params
-    else:  # LoRA: the params are the adapters; the frozen base is the KL reference
-      self.model = lora.add_lora(self.model, self.lora_cfg, seed=cfg.seed)
-      self.graphdef, params, self.base = lora.split(self.model)
-      self.update_fn = lora.make_lora_update_fn(self.graphdef, self.base, self.optimizer,
-                                                self.grpo_cfg, micro_batch=t.micro_batch, **kw)
-      self.logprob_fn = lora.make_lora_logprob_fn(self.graphdef, self.base, **kw)
-      self.ref_logprob_fn, ref = lora.make_reference_logprob_fn(self.model, **kw), self.base
-    self.ref_params = ref if self.grpo_cfg.kl_beta > 0 else None
-    self.state = {"params": params, "opt_state": self.optimizer.init(params),
+    self.policy, trainable = policy_lib.build(
+        cfg, model, temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk,
+        with_reference=self.grpo_cfg.kl_beta > 0)
+    del model  # its weights live on in `trainable` and `policy.frozen`
+    self.state = {"params": trainable, "opt_state": self.optimizer.init(trainable),
                   "curriculum": cur.init_state(self.cur_cfg),
                   "step": jnp.zeros((), jnp.int32)}
+    shardings = None
+    if self.mesh is not None:  # outputs keep the inputs' layout; scalars (Adam's count) replicated
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      shardings = jax.tree_util.tree_map(
+          lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+          else replicated, (self.state["params"], self.state["opt_state"]))
+      self.state["opt_state"] = jax.device_put(self.state["opt_state"], shardings[1])
+    self.update_fn = update.make_update_fn(
+        self.policy.graphdef, self.optimizer, self.grpo_cfg, micro_batch=t.micro_batch,
+        temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk,
+        out_shardings=shardings)
     self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
-    self.meta = {"model_config": model_meta(self.model), "config": cfg.to_json_best_effort()}
-    if self.lora_cfg is not None:  # adapters of another rank or targets are refused on restore
-      self.meta["lora"] = json.loads(json.dumps(dataclasses.asdict(self.lora_cfg)))
+    self.meta = self.policy.meta
     self.start_step = self._maybe_restore()
     self.engine = Engine(self.engine_model(),
                          num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
@@ -158,19 +126,10 @@ class Trainer:
     logdir = self.workdir if self.info.is_primary else self.workdir / f"process_{self.info.index}"
     self.log = RunLogger(logdir, purge_step=self.start_step + 1 if self.start_step else None)
 
-  def sampler_model(self):
-    """The policy as the engine samples it: the params, or base + adapters (merged once per
-    update with lora.sampler_weights="merged", else merged a layer at a time as it runs)."""
-    if self.lora_cfg is None:
-      return nnx.merge(self.graphdef, self.state["params"])
-    adapted = nnx.merge(self.graphdef, self.state["params"], self.base)
-    merged = self.cfg.lora.get("sampler_weights", "merged") == "merged"
-    return lora.merge(adapted) if merged else adapted
-
   def engine_model(self):
     """The sampler's model: with several processes, a copy of the (merged) policy on this
     process's devices, so that each process's engine runs its own requests unsynchronised."""
-    model = self.sampler_model()
+    model = self.policy.sampler_model(self.state["params"])
     if self.info.count == 1:
       return model
     if isinstance(model, lora.LoraTransformer):
@@ -210,81 +169,65 @@ class Trainer:
     knobs = cur.knobs(cur_cfg, state, key, n).unbatch()
     mine = knobs[distributed.process_slice(len(knobs), self.info)]
     make = self.world.make_validation_tasks if validation else self.world.make_tasks
-    seed = rollout.derive_seed(self.host_seed, step if seed_step is None else seed_step)
+    seed = seeding.derive_seed(self.host_seed, step if seed_step is None else seed_step)
     return await make(mine, seed)
 
-  def _advantages(self, arrays) -> np.ndarray:
-    n = len(arrays["rewards"])
-    return np.asarray(grpo.group_advantages(
-        jnp.asarray(arrays["rewards"]), jnp.asarray(arrays["group_ids"]), jnp.ones(n, bool),
-        self.grpo_cfg, num_groups=self.cfg.train.tasks_per_step))
+  def _step_batch(self, episodes: list[rollout.Episode]) -> step_batch.StepBatch:
+    """The step's rows, advantages over all of this process's episodes at once."""
+    longest = max((len(e.tokens) for e in episodes), default=1)
+    return step_batch.build(episodes, self.grpo_cfg, num_groups=self.cfg.train.tasks_per_step,
+                            width=rollout.pad_to_bucket(longest, tuple(self.cfg.train.length_buckets)))
 
-  def _minibatches(self, episodes: list[rollout.Episode]) -> list[list[int]]:
-    """Episode indices per optimizer update: whole groups, `updates_per_step` parts."""
-    groups = sorted({e.task_index for e in episodes})
-    parts = np.array_split(np.asarray(groups), min(self.cfg.train.updates_per_step, len(groups)))
-    return [[i for i, e in enumerate(episodes) if e.task_index in set(p.tolist())]
-            for p in parts]
-
-  def _pad_rows(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pads this process's rows with all-masked ones: every process to the same count, the
-    global count a multiple of micro_batch and of the mesh's batch shards."""
+  def _row_multiple(self) -> int:
+    """Rows per process that keep the global count a multiple of micro_batch and of the mesh's
+    batch shards, with every process supplying the same count."""
     m = self.cfg.train.micro_batch
     if self.mesh is not None:
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
       m = m * shards // np.gcd(m, shards)
-    per_process = m // np.gcd(m, self.info.count)
-    n = len(arrays["tokens"])
-    target = -(-distributed.agree_max(n) // per_process) * per_process
-    extra = target - n
-    if not extra:
-      return arrays
-    return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype) if k != "positions"
-                               else np.full((extra,) + v.shape[1:], -1, v.dtype)])
-            for k, v in arrays.items()}
+    return m // np.gcd(m, self.info.count)
 
-  def _part_arrays(self, part: list[rollout.Episode]) -> dict[str, np.ndarray]:
-    """One mini-batch's arrays; every process pads to the same length bucket and row count."""
-    buckets = tuple(self.cfg.train.length_buckets)
-    longest = distributed.agree_max(max((len(e.tokens) for e in part), default=1))
-    width = rollout.pad_to_bucket(longest, buckets)
-    if part:
-      arrays = rollout.to_arrays(part, (width,))
-      arrays["advantages"] = self._advantages(arrays)
-    else:  # this process has no episodes in this mini-batch; others do
-      arrays = rollout.to_arrays([rollout.Episode(0, 0, *(np.zeros(1),) * 4)], (width,))
-      arrays = {k: v[:0] for k, v in arrays.items()}
-      arrays["advantages"] = np.zeros((0,), np.float32)
-    return self._pad_rows({k: v for k, v in arrays.items() if k not in ("rewards", "group_ids")})
+  def _minibatches(self, batch: step_batch.StepBatch) -> list[dict[str, jax.Array]]:
+    """Every update's device arrays, with old and reference log-probs computed here, under the
+    params that sampled the step, before the first update changes them (Tunix and verl)."""
+    parts = step_batch.minibatch_rows(batch.group_ids, self.cfg.train.updates_per_step)
+    buckets, multiple = tuple(self.cfg.train.length_buckets), self._row_multiple()
+    out = []
+    for i in range(distributed.agree_max(len(parts))):  # the same calls on every process
+      rows = parts[i] if i < len(parts) else np.zeros((0,), np.int64)
+      longest = int(batch.lengths[rows].max()) if len(rows) else 1
+      width = rollout.pad_to_bucket(distributed.agree_max(longest), buckets)
+      num_rows = -(-distributed.agree_max(len(rows)) // multiple) * multiple
+      arrays = self._device_batch(step_batch.take(batch, rows, width=width, num_rows=num_rows))
+      tokens, positions = arrays["tokens"], arrays["positions"]
+      if self.cfg.train.recompute_old_logprobs:
+        sampled = arrays["old_logprobs"]
+        arrays["old_logprobs"] = self.policy.logprobs(self.state["params"], tokens, positions)
+        arrays["old_logprob_gap"] = jnp.sum(jnp.abs(arrays["old_logprobs"] - sampled)
+                                            * arrays["loss_mask"])
+      if self.policy.reference_logprobs is not None:
+        arrays["ref_logprobs"] = self.policy.reference_logprobs(tokens, positions)
+      out.append(arrays)
+    return out
 
   def _update(self, episodes: list[rollout.Episode]) -> dict[str, float]:
+    batch = self._step_batch(episodes)
     metrics: list[dict[str, float]] = []
-    parts = self._minibatches(episodes)
-    for i in range(distributed.agree_max(len(parts))):  # the same update calls on every process
-      part = [episodes[j] for j in parts[i]] if i < len(parts) else []
-      arrays = self._part_arrays(part)
-      adv = arrays["advantages"][:len(part)]  # this process's real rows (the rest is padding)
-      batch = self._device_batch(arrays)
-      if self.cfg.train.recompute_old_logprobs:
-        sampled = batch["old_logprobs"][:, 1:]
-        recomputed = self.logprob_fn(self.state["params"], batch["tokens"], batch["positions"])
-        gap = jnp.sum(jnp.abs(recomputed - sampled) * batch["loss_mask"][:, 1:])
-        batch["old_logprobs"] = batch["old_logprobs"].at[:, 1:].set(recomputed)
-      else:
-        gap = None
-      if self.ref_params is not None:
-        ref = self.ref_logprob_fn(self.ref_params, batch["tokens"], batch["positions"])
-        batch["ref_logprobs"] = jnp.pad(ref, ((0, 0), (1, 0)))
-      params, opt_state, m = self.update_fn(self.state["params"], self.state["opt_state"], batch)
+    for arrays in self._minibatches(batch):
+      gap = arrays.pop("old_logprob_gap", None)
+      params, opt_state, m = self.update_fn(self.state["params"], self.policy.frozen,
+                                            self.state["opt_state"], arrays)
       self.state["params"], self.state["opt_state"] = params, opt_state
       m = {k: float(v) for k, v in m.items()}
       if gap is not None:
         m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
-      m["advantage_abs_mean"] = float(np.mean(np.abs(adv))) if len(adv) else 0.0
-      m["nonzero_advantage_frac"] = float(np.mean(adv != 0)) if len(adv) else 0.0
       metrics.append(m)
     self.engine.update_params(self.engine_model())
-    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    adv = batch.advantages
+    out["advantage_abs_mean"] = float(np.mean(np.abs(adv))) if len(adv) else 0.0
+    out["nonzero_advantage_frac"] = float(np.mean(adv != 0)) if len(adv) else 0.0
+    return out
 
   def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The update's arrays, rows sharded over the mesh's (data, fsdp) axes when there is one
@@ -312,7 +255,7 @@ class Trainer:
     if all_rewards.size:
       t0 = time.perf_counter()
       trained = negative_control(self.cfg.train.get("control", ""), result.episodes,
-                                 rollout.derive_seed(self.host_seed, step, 0xC0))
+                                 seeding.derive_seed(self.host_seed, step, 0xC0))
       scalars.update({f"train/{k}": v for k, v in self._update(trained).items()})
       times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
       self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
@@ -320,7 +263,7 @@ class Trainer:
     else:
       scalars["train/skipped_no_episodes"] = 1.0
     self.state["step"] = jnp.asarray(step, jnp.int32)
-    scalars.update(self.log.episode_scalars(result, rewards, tasks))
+    scalars.update(self.log.episode_scalars(result, rewards, tasks, self.grpo_cfg))
     if self.info.count > 1:  # this process's figures above; the batch's reward here
       scalars["reward/mean_all_processes"] = float(np.mean(all_rewards)) if all_rewards.size \
           else float("nan")
@@ -350,7 +293,7 @@ class Trainer:
                               top_p=v.top_p, top_k=v.top_k)
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
-        cfg=cfg, seed=rollout.derive_seed(self.host_seed, -1), step=step,
+        cfg=cfg, seed=seeding.derive_seed(self.host_seed, -1), step=step,
         max_concurrent=self.cfg.rollout_concurrency, min_group=1)
     eps = result.episodes
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
@@ -411,7 +354,3 @@ def train(cfg, workdir: str | pathlib.Path, world=None) -> dict[str, Any]:
       if world is None:
         await w.aclose()
   return asyncio.run(main())
-
-
-def config_json(cfg) -> str:
-  return json.dumps(cfg.to_dict(), default=str, sort_keys=True)

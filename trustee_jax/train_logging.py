@@ -4,8 +4,11 @@ import json
 import pathlib
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from trustee_jax import grpo
 
 
 def _mean(xs) -> float:
@@ -30,7 +33,8 @@ class RunLogger:
         self.writer.add_scalar(k, float(v), step)
 
   @staticmethod
-  def episode_scalars(result, rewards: np.ndarray, tasks) -> dict[str, float]:
+  def episode_scalars(result, rewards: np.ndarray, tasks, grpo_cfg: grpo.GRPOConfig
+                      ) -> dict[str, float]:
     """Reward, success, lengths, turns, tool calls, drops and the mean knobs of the batch."""
     eps = result.episodes
     out = {"reward/mean": _mean(rewards), "reward/std": float(np.std(rewards)) if len(eps) else 0.0,
@@ -56,9 +60,13 @@ class RunLogger:
     groups: dict[int, list[float]] = {}
     for e in eps:
       groups.setdefault(e.task_index, []).append(e.reward)
-    if groups:
-      out["reward/group_std"] = _mean([np.std(g) for g in groups.values()])
-      out["reward/zero_variance_groups"] = _mean([np.std(g) == 0 for g in groups.values()])
+    if groups:  # the std the advantages divide by: grpo's one definition
+      ids = {t: i for i, t in enumerate(groups)}
+      m = grpo.group_metrics(jnp.asarray([e.reward for e in eps], jnp.float32),
+                             jnp.asarray([ids[e.task_index] for e in eps]),
+                             jnp.ones(len(eps), bool), grpo_cfg, num_groups=len(groups))
+      out["reward/group_std"] = float(m["reward/group_std"])
+      out["reward/zero_variance_groups"] = float(m["reward/zero_variance_frac"])
     for key in (tasks[0].knobs if tasks else {}):
       out[f"knobs/{key}"] = _mean([t.knobs[key] for t in tasks])
     return out

@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -15,19 +16,21 @@ from typing import Any
 import httpx
 import numpy as np
 
-from trustee_jax.rollout import World
 from trustee_jax.simulator import doubles, judge, tasks, tools, tools_pool, user
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient
 
-LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
+# The servers run as `python -m` modules of this package (trustee_jax/serving/), found the way
+# this process found it (an install, or a checkout on sys.path: see `_server_env`).
+JAX_SERVER = "trustee_jax.serving"
+LLAMACPP_SERVER = "trustee_jax.serving.llamacpp"
 
 
-class SimWorld(World):
-  """The roles plus task generation, simulator counters, and clean shutdown."""
+class SimWorld:
+  """The roles plus task generation, simulator counters, and clean shutdown: a rollout.World."""
 
   def __init__(self, generator, user_sim, tool_sim, judge_sim, pool, *, client=None,
                servers: list[subprocess.Popen] | None = None):
-    super().__init__(user=user_sim, tools=tool_sim, judge=judge_sim)
+    self.user, self.tools, self.judge = user_sim, tool_sim, judge_sim
     self.generator, self.pool, self.client = generator, pool, client
     self.servers = list(servers or [])
     self.counters: collections.Counter = collections.Counter()
@@ -76,7 +79,7 @@ def start_embedded_servers(sim_cfg) -> tuple[tuple[str, ...], list[subprocess.Po
   try:
     for _ in range(int(sim_cfg.get("processes", 1))):
       started.append(start_embedded_server(sim_cfg, [
-          sys.executable, str(LAUNCH_DIR / "serve_llamacpp.py"), f"--model={sim_cfg.model}",
+          sys.executable, "-m", LLAMACPP_SERVER, f"--model={sim_cfg.model}",
           "--host=127.0.0.1", f"--n_ctx={sim_cfg.cache_len}", "--n_threads=1",
           f"--parent_pid={os.getpid()}"]))
   except BaseException:
@@ -87,7 +90,7 @@ def start_embedded_servers(sim_cfg) -> tuple[tuple[str, ...], list[subprocess.Po
 
 
 def _jax_server_cmd(sim_cfg, port: int) -> list[str]:
-  cmd = [sys.executable, str(LAUNCH_DIR / "serve_simulator.py"), f"--model={sim_cfg.model}",
+  cmd = [sys.executable, "-m", JAX_SERVER, f"--model={sim_cfg.model}",
          "--host=127.0.0.1", f"--num_slots={sim_cfg.num_slots}",
          f"--cache_len={sim_cfg.cache_len}", f"--parent_pid={os.getpid()}"]
   if sim_cfg.get("tokenizer"):
@@ -103,7 +106,7 @@ def start_embedded_server(sim_cfg, cmd: list[str]) -> tuple[str, subprocess.Pope
     cmd = [*cmd, f"--port={free_port()}"]
   port = int(next(a for a in cmd if a.startswith("--port=")).split("=", 1)[1])
   log = open(pathlib.Path(sim_cfg.get("log_dir", ".")) / "simulator_server.log", "ab")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env())
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + float(sim_cfg.get("startup_timeout_s", 600))
   while time.monotonic() < deadline:
@@ -118,6 +121,20 @@ def start_embedded_server(sim_cfg, cmd: list[str]) -> tuple[str, subprocess.Pope
     time.sleep(1.0)
   stop_server(proc)
   raise TimeoutError(f"embedded simulator server not healthy at {url} after start-up timeout")
+
+
+def _server_env() -> dict[str, str]:
+  """This environment, with the checkout this process imported trustee_jax from first on
+  PYTHONPATH (unless it came from site-packages), so that `python -m trustee_jax.serving` runs
+  the same code, installed or not."""
+  root = pathlib.Path(__file__).resolve().parent.parent  # holds trustee_jax/
+  env = dict(os.environ)
+  if root in {pathlib.Path(p).resolve()
+              for p in [*site.getsitepackages(), site.getusersitepackages()]}:
+    return env  # installed: the child finds it where this process did
+  rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(root)]
+  env["PYTHONPATH"] = os.pathsep.join([str(root), *rest])
+  return env
 
 
 def free_port() -> int:
@@ -142,9 +159,13 @@ async def build_world(cfg) -> SimWorld:
   """The world named by `cfg.simulator.mode`: "doubles", "embedded" or "url"."""
   sim = cfg.simulator
   if sim.mode == "doubles":
+    judge_name = sim.get("doubles_judge", "rule")
+    if judge_name not in doubles.JUDGES:
+      raise ValueError(f"simulator.doubles_judge must be one of {sorted(doubles.JUDGES)}, "
+                       f"got {judge_name!r}")
     return SimWorld(doubles.TaskGeneratorDouble(), doubles.UserDouble(),
-                    doubles.ToolDouble(cfg.rollout.max_parallel_calls), doubles.JudgeDouble(),
-                    doubles.double_pool())
+                    doubles.ToolDouble(cfg.rollout.max_parallel_calls),
+                    doubles.JUDGES[judge_name](), doubles.double_pool())
   servers = []
   if sim.mode == "embedded":
     urls, servers = await asyncio.to_thread(start_embedded_servers, sim)

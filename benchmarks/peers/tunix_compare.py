@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from trustee_jax import grpo, update
+from trustee_jax import grpo, step_batch, update
 from trustee_jax.models import model_configs
 from trustee_jax.models.transformer import KVCache, Transformer, create_model
 from trustee_jax.sampling import engine as engine_lib
@@ -146,7 +146,7 @@ def grpo_batch(ours: Transformer, n: int, prompt: int, completion: int, seed: in
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (n, t)).copy()
   graphdef, params = nnx.split(ours)
   logp = np.asarray(update.make_logprob_fn(graphdef, temperature=1.0, chunk_size=8192)(
-      params, jnp.asarray(tokens), jnp.asarray(positions)))
+      params, nnx.State({}), jnp.asarray(tokens), jnp.asarray(positions)))
   old = np.zeros((n, t), np.float32)
   ref = np.zeros((n, t), np.float32)
   old[:, 1:] = logp + rng.normal(0, 0.1, logp.shape)  # ratios spread round 1: some clip
@@ -173,15 +173,18 @@ def optimizer_and_cfgs(beta: float):
 
 def our_update_runner(ours: Transformer, batch: dict, opt, cfg, micro: int) -> Callable:
   """make_update_fn's jitted step: micro-batches scanned inside, one optimizer update."""
-  graphdef, params = nnx.split(ours)
+  graphdef, params, frozen = update.split(ours)
+  params = jax.tree_util.tree_map(jnp.copy, params)  # donated to the update; `ours` is reused
   fn = update.make_update_fn(graphdef, opt, cfg, micro_batch=micro,
                              temperature=1.0, chunk_size=8192)
-  dev = {k: jnp.asarray(v) for k, v in batch.items()}
+  # our update reads the per-token arrays aligned with the targets tokens[:, 1:]
+  dev = {k: jnp.asarray(v[:, 1:] if k in (*step_batch.TARGET_ALIGNED, "ref_logprobs") else v)
+         for k, v in batch.items()}
   state = {"params": params, "opt": opt.init(params)}
 
   def run() -> tuple[float, float]:
     def step():
-      state["params"], state["opt"], m = fn(state["params"], state["opt"], dev)
+      state["params"], state["opt"], m = fn(state["params"], frozen, state["opt"], dev)
       return m["loss"]
     return timed(step)
   return run

@@ -3,6 +3,7 @@ a packaged GGUF ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), a Huggi
 directory, or a named shape from model_configs with random weights (tests)."""
 import pathlib
 
+from trustee_jax import sharding as shd
 from trustee_jax.models import model_configs, packaged, weights
 from trustee_jax.models import tokenizer as tok_lib
 from trustee_jax.models.transformer import Transformer, create_model
@@ -32,21 +33,24 @@ def gguf_path(name: str) -> pathlib.Path:
 
 
 def load_model(name: str, *, mesh=None, param_dtype: str | None = None,
-               dtype: str | None = None, seed: int = 0, remat_policy: str | None = None
-               ) -> Transformer:
+               dtype: str | None = None, seed: int = 0, remat_policy: str | None = None,
+               rules=None) -> Transformer:
   """The model `name` stands for, its weights in `param_dtype` (default: f32 for GGUF files,
-  the checkpoint's dtype for HF directories) computing in `dtype` (default: param_dtype)."""
+  the checkpoint's dtype for HF directories) computing in `dtype` (default: param_dtype),
+  laid out on `mesh` by the logical-axis `rules` (default: sharding.LOGICAL_RULES; a run's
+  are `sharding.rules_from_config(cfg.mesh.rules)`)."""
+  rules = shd.LOGICAL_RULES if rules is None else rules
   if name in PACKAGED:
     model = weights.load_gguf(gguf_path(name), mesh=mesh, param_dtype=param_dtype or "float32",
-                              dtype=dtype)
+                              dtype=dtype, rules=rules)
   elif pathlib.Path(name).is_dir():
-    model = weights.load_hf(name, mesh=mesh, param_dtype=param_dtype, dtype=dtype)
+    model = weights.load_hf(name, mesh=mesh, param_dtype=param_dtype, dtype=dtype, rules=rules)
   elif name in model_configs.MODEL_CONFIGS:
     overrides = {k: v for k, v in (("param_dtype", param_dtype),
                                    ("dtype", dtype or param_dtype)) if v}
     return create_model(model_configs.get_model_config(
         name, **overrides, **({"remat_policy": remat_policy} if remat_policy else {})),
-        seed=seed, mesh=mesh)
+        seed=seed, mesh=mesh, rules=rules)
   else:
     raise ValueError(f"unknown model {name!r}: expected one of {PACKAGED} (packaged GGUF), a "
                      f"Hugging Face directory, or a named config {sorted(model_configs.MODEL_CONFIGS)}")

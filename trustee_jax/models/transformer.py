@@ -92,7 +92,8 @@ class KVCache:
     return self.k.shape[2]
 
 
-# Logical axes of every parameter: `sharding.LOGICAL_RULES` maps them to mesh axes.
+# Logical axes of every parameter, the one source the constructor attaches to each as Variable
+# metadata (`sharding.param_metadata`); `sharding.state_shardings` reads them from the state.
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "lm_head": ("embed", "vocab"),
@@ -185,31 +186,33 @@ class Transformer(nnx.Module):
     L, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def param(shape, ones=False, zeros=False):
+    def param(name, shape, ones=False, zeros=False):
       if ones or zeros:
-        return nnx.Param(jnp.ones(shape, pdt) if ones else jnp.zeros(shape, pdt))
-      return nnx.Param(init(rngs.params(), shape, pdt))
+        value = jnp.ones(shape, pdt) if ones else jnp.zeros(shape, pdt)
+      else:
+        value = init(rngs.params(), shape, pdt)
+      setattr(self, name, nnx.Param(value, **shd.param_metadata(PARAM_AXES[name])))
 
-    self.embed = param((cfg.vocab_size, d))
-    self.attn_norm = param((L, d), ones=True)
-    self.wq = param((L, d, h, hd))
-    self.wk = param((L, d, kv, hd))
-    self.wv = param((L, d, kv, hd))
-    self.wo = param((L, h, hd, d))
+    param("embed", (cfg.vocab_size, d))
+    param("attn_norm", (L, d), ones=True)
+    param("wq", (L, d, h, hd))
+    param("wk", (L, d, kv, hd))
+    param("wv", (L, d, kv, hd))
+    param("wo", (L, h, hd, d))
     if cfg.qkv_bias:
-      self.bq = param((L, h, hd), zeros=True)
-      self.bk = param((L, kv, hd), zeros=True)
-      self.bv = param((L, kv, hd), zeros=True)
+      param("bq", (L, h, hd), zeros=True)
+      param("bk", (L, kv, hd), zeros=True)
+      param("bv", (L, kv, hd), zeros=True)
     if cfg.qk_norm:
-      self.q_norm = param((L, hd), ones=True)
-      self.k_norm = param((L, hd), ones=True)
-    self.mlp_norm = param((L, d), ones=True)
-    self.w_gate = param((L, d, f))
-    self.w_up = param((L, d, f))
-    self.w_down = param((L, f, d))
-    self.final_norm = param((d,), ones=True)
+      param("q_norm", (L, hd), ones=True)
+      param("k_norm", (L, hd), ones=True)
+    param("mlp_norm", (L, d), ones=True)
+    param("w_gate", (L, d, f))
+    param("w_up", (L, d, f))
+    param("w_down", (L, f, d))
+    param("final_norm", (d,), ones=True)
     if not cfg.tie_embeddings:
-      self.lm_head = param((d, cfg.vocab_size))
+      param("lm_head", (d, cfg.vocab_size))
 
   def _constrain(self, x: Array, axes: tuple[str | None, ...]) -> Array:
     if self.mesh is None:

@@ -212,7 +212,7 @@ def _build(cfg: ModelConfig, tensors: _Tensors, mesh, rules) -> Transformer:
     name = path[0].key
     spec = specs[name]
     buf = np.empty(leaf.shape, leaf.dtype)  # the only host copy of this parameter
-    layered = PARAM_AXES[name][0] == "layers"
+    layered = abs_state[name].get_metadata()[shd.AXES_KEY][0] == "layers"
     for layer in range(leaf.shape[0]) if layered else [None]:
       x = _read_checked(tensors, spec.hf.format(layer), spec.hf_shape)
       buf[layer if layered else ...] = spec.to_ours(x)

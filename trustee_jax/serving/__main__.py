@@ -1,6 +1,6 @@
 """Serves a frozen model over the OpenAI-compatible API (the embedded simulator server).
 
-  python launch/serve_simulator.py [--model smollm2|qwen2.5-coder-0.5b|HF_DIR|tiny-llama|...]
+  python -m trustee_jax.serving [--model smollm2|qwen2.5-coder-0.5b|HF_DIR|tiny-llama|...]
       [--dtype float32|bfloat16] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
       [--num_slots 16] [--cache_len 4096] [--parent_pid PID]
 
@@ -9,20 +9,19 @@ requests get `--graceful_timeout_s` to finish, the rest fail). With --parent_pid
 when that process dies, even by SIGKILL: on Linux the kernel sends SIGTERM
 (prctl PR_SET_PDEATHSIG) when the parent exits, and a watchdog polls the pid everywhere.
 The API key can also come from $TRUSTEE_SIMULATOR_API_KEY (kept out of `ps`).
+`launch/serve_simulator.py` is the same command (a wrapper around `cli`). The flags are defined
+when this module is imported, so import it only to run it.
 """
 import ctypes
 import ctypes.util
 import os
-import pathlib
 import signal
 import sys
 import threading
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from trustee_jax.models.packaged import MODELS  # noqa: E402  (light: no JAX)
+from trustee_jax.models.packaged import MODELS  # light: no JAX
 
 _MODEL = flags.DEFINE_string(
     "model", "smollm2", f"A packaged GGUF ({', '.join(MODELS)}), a Hugging Face directory, or a "
@@ -90,7 +89,7 @@ def main(argv):
   if _PARENT_PID.value:
     die_with_parent(_PARENT_PID.value, stop)
   # Heavy imports after flag parsing keep --help fast.
-  from trustee_jax.simulator.server import ServerThread, load_simulator  # noqa: PLC0415
+  from trustee_jax.serving.server import ServerThread, load_simulator  # noqa: PLC0415
   sim = load_simulator(_MODEL.value, _TOKENIZER.value, served_name=_SERVED_NAME.value,
                        num_slots=_NUM_SLOTS.value, cache_len=_CACHE_LEN.value,
                        max_queue=_MAX_QUEUE.value, decode_chunk=_DECODE_CHUNK.value,
@@ -116,5 +115,9 @@ def main(argv):
   print("simulator stopped", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,6 +1,6 @@
 """Serves a GGUF with llama-cpp-python's OpenAI-compatible server, shaped for SimulatorClient.
 
-  python launch/serve_llamacpp.py --model qwen2.5-coder-0.5b|FILE.gguf [--host 127.0.0.1]
+  python -m trustee_jax.serving.llamacpp --model qwen2.5-coder-0.5b|FILE.gguf [--host 127.0.0.1]
       [--port 8000] [--n_ctx 4096] [--n_threads 2] [--logits_all] [--api_key KEY]
       [--parent_pid PID]
 
@@ -36,6 +36,10 @@ It serves one request at a time (an asyncio lock around the one llama.cpp contex
 requests wait in order, so 8 clients get the throughput of 1 and up to 8x the latency. Run
 several processes (one thread each) on different ports and list them all in the client's
 `urls` to use more cores for more requests.
+
+`launch/serve_llamacpp.py` is the same command (a wrapper around `cli`). The flags are defined
+by `cli`, not on import, so the shim can be imported beside other modules that define absl
+flags of the same names (the embedded server's CLI, the launchers).
 """
 import ctypes
 import ctypes.util
@@ -49,35 +53,38 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+FLAGS = flags.FLAGS
 
-_MODEL = flags.DEFINE_string(
-    "model", "qwen2.5-coder-0.5b", "A .gguf file, or 'smollm2' / 'qwen2.5-coder-0.5b' / 'qwen2.5-coder-1.5b' "
-    "(trustee_jax.models.packaged).")
-_SERVED_NAME = flags.DEFINE_string("served_model_name", None, "Model name in replies and "
-                                   "/v1/models (default: --model).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
-_PORT = flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).")
-_API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1 "
-                               "(or $TRUSTEE_SIMULATOR_API_KEY).")
-_N_CTX = flags.DEFINE_integer("n_ctx", 4096, "Context (prompt + reply) in tokens.")
-_N_THREADS = flags.DEFINE_integer("n_threads", 2, "Threads for decode and for prompt batches.")
-_N_BATCH = flags.DEFINE_integer("n_batch", 512, "Prompt tokens per llama_decode call.")
-_LOGITS_ALL = flags.DEFINE_bool("logits_all", False, "Keep logits of every position (needed "
-                                "for logprobs; slower prefill).")
-_CHAT_FORMAT = flags.DEFINE_string("chat_format", None, "A llama-cpp-python chat format name "
-                                   "(default: the GGUF's own chat template).")
-_PARENT_PID = flags.DEFINE_integer("parent_pid", None, "Exit when this process dies.")
-_OMP_WAIT = flags.DEFINE_enum(
-    "omp_wait_policy", "passive", ["passive", "active"], "OpenMP worker wait policy "
-    "($OMP_WAIT_POLICY wins). llama.cpp's OpenMP threads spin between ops by default; on a CPU "
-    "shared with other work that collapses throughput (2 threads beside a training job: 4 vs "
-    "41 decode tok/s measured here), so the default is passive.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "llama.cpp's own logging (timings per request).")
-_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
-                               "uvicorn's log level.")
+
+def define_flags() -> None:
+  """The CLI's flags, on absl's global FLAGS (called once, by `cli`)."""
+  flags.DEFINE_string("model", "qwen2.5-coder-0.5b", "A .gguf file, or 'smollm2' / "
+                      "'qwen2.5-coder-0.5b' / 'qwen2.5-coder-1.5b' (trustee_jax.models.packaged).")
+  flags.DEFINE_string("served_model_name", None, "Model name in replies and /v1/models "
+                      "(default: --model).")
+  flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
+  flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).")
+  flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1 "
+                      "(or $TRUSTEE_SIMULATOR_API_KEY).")
+  flags.DEFINE_integer("n_ctx", 4096, "Context (prompt + reply) in tokens.")
+  flags.DEFINE_integer("n_threads", 2, "Threads for decode and for prompt batches.")
+  flags.DEFINE_integer("n_batch", 512, "Prompt tokens per llama_decode call.")
+  flags.DEFINE_bool("logits_all", False, "Keep logits of every position (needed for logprobs; "
+                    "slower prefill).")
+  flags.DEFINE_string("chat_format", None, "A llama-cpp-python chat format name (default: the "
+                      "GGUF's own chat template).")
+  flags.DEFINE_integer("parent_pid", None, "Exit when this process dies.")
+  flags.DEFINE_enum(
+      "omp_wait_policy", "passive", ["passive", "active"], "OpenMP worker wait policy "
+      "($OMP_WAIT_POLICY wins). llama.cpp's OpenMP threads spin between ops by default; on a CPU "
+      "shared with other work that collapses throughput (2 threads beside a training job: 4 vs "
+      "41 decode tok/s measured here), so the default is passive.")
+  flags.DEFINE_bool("verbose", False, "llama.cpp's own logging (timings per request).")
+  flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                    "uvicorn's log level.")
+
 
 # OpenAI's (and SGLang's) sampling defaults where llama-cpp-python's differ.
 OPENAI_DEFAULTS = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}
@@ -276,31 +283,38 @@ def _die_with_parent(parent_pid: int, stop) -> None:
 
 def main(argv):
   del argv
+  f = FLAGS
   # libgomp reads this when llama.cpp's libraries load, i.e. at the llama_cpp import below.
-  os.environ.setdefault("OMP_WAIT_POLICY", _OMP_WAIT.value.upper())
+  os.environ.setdefault("OMP_WAIT_POLICY", f.omp_wait_policy.upper())
   import uvicorn  # noqa: PLC0415
-  path = resolve_model(_MODEL.value)
-  api_key = _API_KEY.value or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
-  served = _SERVED_NAME.value or _MODEL.value
-  asgi = build_app(path, served, n_ctx=_N_CTX.value, n_threads=_N_THREADS.value,
-                   n_batch=_N_BATCH.value, logits_all=_LOGITS_ALL.value,
-                   chat_format=_CHAT_FORMAT.value, api_key=api_key, verbose=_VERBOSE.value)
-  sock = socket.socket(socket.AF_INET6 if ":" in _HOST.value else socket.AF_INET)
+  path = resolve_model(f.model)
+  api_key = f.api_key or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
+  served = f.served_model_name or f.model
+  asgi = build_app(path, served, n_ctx=f.n_ctx, n_threads=f.n_threads, n_batch=f.n_batch,
+                   logits_all=f.logits_all, chat_format=f.chat_format, api_key=api_key,
+                   verbose=f.verbose)
+  sock = socket.socket(socket.AF_INET6 if ":" in f.host else socket.AF_INET)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind((_HOST.value, _PORT.value))
+  sock.bind((f.host, f.port))
   host, port = sock.getsockname()[:2]
-  server = uvicorn.Server(uvicorn.Config(asgi, log_level=_LOG_LEVEL.value, lifespan="off",
+  server = uvicorn.Server(uvicorn.Config(asgi, log_level=f.log_level, lifespan="off",
                                          timeout_graceful_shutdown=30))
-  if _PARENT_PID.value:
-    _die_with_parent(_PARENT_PID.value, lambda: setattr(server, "should_exit", True))
+  if f.parent_pid:
+    _die_with_parent(f.parent_pid, lambda: setattr(server, "should_exit", True))
   url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
   print(f"llama.cpp simulator {served} ({path.name}) serving at {url}/v1 "
-        f"(n_ctx={_N_CTX.value}, threads={_N_THREADS.value}, logits_all={_LOGITS_ALL.value}, "
+        f"(n_ctx={f.n_ctx}, threads={f.n_threads}, logits_all={f.logits_all}, "
         f"api_key={'on' if api_key else 'off'}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         "one request at a time)", flush=True)
   server.run(sockets=[sock])
   print("simulator stopped", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python -m trustee_jax.serving.llamacpp` (and launch/serve_llamacpp.py)."""
+  define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -19,7 +19,7 @@ from trustee_jax.chat import ChatFormat
 from trustee_jax.models.tokenizer import Tokenizer
 from trustee_jax.sampling.constrained import COMPACT_JSON, lark_grammar
 from trustee_jax.sampling.engine import Completion, SamplingParams
-from trustee_jax.simulator import server_models as sm
+from trustee_jax.serving import schema as sm
 
 _log = logging.getLogger(__name__)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

@@ -5,7 +5,7 @@ the model's chat template, validated and queued before any reply is written, so 
 unservable request gets its 400/429 as a status code; a streamed reply then sends the role
 chunk at once and the message itself when generation has finished (the engine returns
 whole completions). Constrained output (response_format, a forced tool call) is an
-llguidance grammar that leaves a thinking model's `<think>` block free (server_protocol.py).
+llguidance grammar that leaves a thinking model's `<think>` block free (protocol.py).
 """
 import asyncio
 import concurrent.futures
@@ -32,8 +32,8 @@ from trustee_jax.models.tokenizer import Tokenizer
 from trustee_jax.sampling.constrained import GrammarCompiler
 from trustee_jax.sampling.engine import (Completion, Engine, EngineError, QueueFullError,
                                          RequestError)
-from trustee_jax.simulator import server_models as sm
-from trustee_jax.simulator.server_protocol import APIError, Protocol
+from trustee_jax.serving import schema as sm
+from trustee_jax.serving.protocol import APIError, Protocol
 
 _log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ for SimulatorClient. Used by fast tests, the trainer's tests, the learning bench
 oracle of the fidelity report.
 """
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import jsonschema
 import numpy as np
 
 from trustee_jax.chat import ToolCall
+from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import tasks as tasks_lib
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.home_world import (CATEGORY, GENRES, SPECS, double_pool,  # noqa: F401
@@ -40,7 +42,7 @@ class TaskGeneratorDouble:
   only tasks of the held-out split (`home_world.is_heldout`), else only the others."""
 
   def __init__(self, cfg: Any = None, *, heldout: bool = False):
-    self.cfg = tasks_lib.config_from(tasks_lib.TaskGenConfig, cfg)
+    self.cfg = from_config(tasks_lib.TaskGenConfig, cfg, block="world.task")
     self.heldout = heldout
 
   def draw(self, knobs: Any, tools: list[dict[str, Any]], category: str, seed: int
@@ -216,6 +218,25 @@ class JudgeDouble:
       return Judgement(0, f"{check.matched} of {check.expected} expected calls made right; never "
                        f"called: {', '.join(check.missing)}", (0,), parts)
     return Judgement(-1, f"expected tools never called: {', '.join(check.missing)}", (-1,), parts)
+
+
+class CoinJudge:
+  """-1 or 1 from a hash of what the policy wrote (and of the task): rewards with variance and
+  no meaning, for tests of the loop's mechanics (resume, several processes, LoRA) with a tiny
+  random policy, which never earns a real reward, so that their updates have non-zero
+  advantages. Deterministic in the episode, so a resumed run that sampled anything else shows."""
+
+  async def score(self, task: tasks_lib.Task, messages: list[dict[str, Any]], num_criteria: int,
+                  seed: int) -> Judgement:
+    said = json.dumps([task.task_id] + [m.get("content") for m in messages
+                                            if m.get("role") == "assistant"])
+    digest = hashlib.blake2b(said.encode(), digest_size=2).digest()
+    score = 1 if digest[0] % 2 else -1
+    return Judgement(score, "coin: a hash of the policy's words (a mechanics test, not a grade)",
+                     (score,))
+
+
+JUDGES = {"rule": JudgeDouble, "coin": CoinJudge}  # simulator.doubles_judge
 
 
 @dataclasses.dataclass(frozen=True)

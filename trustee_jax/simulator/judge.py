@@ -32,10 +32,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.rule_check import CallCheck, check_calls, made_turns
-from trustee_jax.simulator.tasks import Task, config_from, derive_seed, sampling_kwargs
+from trustee_jax.seeding import retry_seed
+from trustee_jax.simulator.tasks import Task, sampling_kwargs
 
 CRITERIA = (
     "Meets the user's intent: the assistant achieved what the user ultimately wanted, using the tools.",
@@ -262,7 +264,7 @@ class Judge:
 
   def __init__(self, client: Any, cfg: Any = None):
     self.client = client
-    self.cfg: JudgeConfig = config_from(JudgeConfig, cfg)
+    self.cfg: JudgeConfig = from_config(JudgeConfig, cfg, block="world.judge")
     if self.cfg.score_rule not in ("criteria", "model"):
       raise ValueError(f"score_rule must be 'criteria' or 'model', got {self.cfg.score_rule!r}")
     if self.cfg.mode not in MODES:
@@ -322,7 +324,7 @@ class Judge:
     return '"yes"' in result.content if verdict is None else verdict
 
   async def _questions_vote(self, prompts: dict[int, str], n: int, seed: int) -> tuple[int, str]:
-    answers = await asyncio.gather(*(self._ask(p, derive_seed(seed, i))
+    answers = await asyncio.gather(*(self._ask(p, retry_seed(seed, i))
                                      for i, p in prompts.items()))
     met = dict(zip(prompts, answers))
     yes = [i + 1 for i in range(n) if met.get(i, True)]
@@ -359,7 +361,7 @@ class Judge:
       prompt = self.prompt(task, messages, n, criteria)
       schema = judge_schema(n if criteria is None else len(criteria), self.cfg.max_reason_chars)
       votes_at = lambda s: self._vote(prompt, schema, s)
-    results = await asyncio.gather(*(votes_at(derive_seed(seed, k))
+    results = await asyncio.gather(*(votes_at(retry_seed(seed, k))
                                      for k in range(self.cfg.num_votes)))
     votes = [s for s, _ in results]
     final = majority(votes)

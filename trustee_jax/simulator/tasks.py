@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import numpy as np
 
+from trustee_jax.config_dataclass import from_config
+from trustee_jax.seeding import retry_seed
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator.client import SimulatorError
 from trustee_jax.simulator import tools_pool
@@ -103,18 +105,6 @@ class TaskGenConfig:
                        f"got {self.unsaid_values!r}")
 
 
-def config_from(cls: type, cfg: Any) -> Any:
-  """A role config dataclass from None, an instance, a mapping or any attribute object
-  (e.g. an ml_collections ConfigDict); fields it lacks keep their defaults."""
-  if cfg is None:
-    return cls()
-  if isinstance(cfg, cls):
-    return cfg
-  get = (lambda k: cfg[k]) if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k))
-  has = (lambda k: k in cfg) if isinstance(cfg, Mapping) else (lambda k: hasattr(cfg, k))
-  return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls) if has(f.name)})
-
-
 def sampling_kwargs(cfg: Any) -> dict[str, Any]:
   """The chat_json sampling arguments a role config carries."""
   return {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "frequency_penalty",
@@ -131,13 +121,6 @@ def knobs_dict(knobs: Any) -> dict[str, int]:
     except (KeyError, AttributeError) as e:
       raise ValueError(f"task knobs lack {name!r}: {knobs!r}") from e
   return out
-
-
-def derive_seed(seed: int, k: int) -> int:
-  """Seed of the k-th retry of `seed` (k = 0 is the seed itself); fits a signed int32."""
-  if k == 0:
-    return int(seed)
-  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, k]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _scaled_limits(num_calls_max: int, names: Sequence[str], cfg: TaskGenConfig) -> dict[str, int]:
@@ -374,7 +357,7 @@ async def generate_batch(generator: Any, requests: Sequence[TaskRequest], *, rou
   for r in range(rounds):
     outs = await asyncio.gather(
         *(generator.generate(requests[i].knobs, requests[i].tools, requests[i].category,
-                             derive_seed(requests[i].seed, 1000 * r)) for i in pending),
+                             retry_seed(requests[i].seed, 1000 * r)) for i in pending),
         return_exceptions=True)
     for out in outs:
       if isinstance(out, BaseException) and not isinstance(out, TaskGenerationError):
@@ -402,7 +385,7 @@ class TaskGenerator:
 
   def __init__(self, client: Any, cfg: Any = None):
     self.client = client
-    self.cfg: TaskGenConfig = config_from(TaskGenConfig, cfg)
+    self.cfg: TaskGenConfig = from_config(TaskGenConfig, cfg, block="world.task")
     self._template = system_prompts.load_template("task_generation.jinja")
 
   def prompt(self, knobs: dict[str, int], tools: list[dict[str, Any]], category: str) -> str:
@@ -426,7 +409,7 @@ class TaskGenerator:
     messages = [{"role": "user", "content": self.prompt(kn, tools, category)}]
     failures = []
     for attempt in range(self.cfg.max_attempts):
-      s = derive_seed(seed, attempt)
+      s = retry_seed(seed, attempt)
       try:
         raw = await self.client.chat_json(messages, schema, role="task", seed=s,
                                           **sampling_kwargs(self.cfg))

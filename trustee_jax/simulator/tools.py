@@ -12,10 +12,12 @@ from typing import Any
 import jsonschema
 
 from trustee_jax.chat import ToolCall
+from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.judge import render_data, render_trajectory
-from trustee_jax.simulator.tasks import Task, config_from, derive_seed, sampling_kwargs
+from trustee_jax.seeding import retry_seed
+from trustee_jax.simulator.tasks import Task, sampling_kwargs
 
 TRUNCATED = "...(truncated)"
 TRUNCATE_SIDES = ("head", "tail", "middle")
@@ -144,7 +146,7 @@ class ToolSimulator:
 
   def __init__(self, client: Any, cfg: Any = None):
     self.client = client
-    self.cfg: ToolSimConfig = config_from(ToolSimConfig, cfg)
+    self.cfg: ToolSimConfig = from_config(ToolSimConfig, cfg, block="world.tools")
     truncate("", 0, self.cfg.truncate_side)  # fail at construction on a bad side
     self._template = system_prompts.load_template("tool.jinja")
     self._schema = tool_schema(self.cfg)
@@ -193,11 +195,11 @@ class ToolSimulator:
         if self.cfg.use_ledger:
           ledger.record(call, err, valid=False)
       elif self.cfg.use_ledger:
-        results[i] = await self._answer(task, ledger, call, derive_seed(seed, i), messages)
+        results[i] = await self._answer(task, ledger, call, retry_seed(seed, i), messages)
         ledger.record(call, results[i].content, valid=True)
       else:
         lm_jobs.append(i)
-    answers = await asyncio.gather(*(self._answer(task, ledger, calls[i], derive_seed(seed, i),
+    answers = await asyncio.gather(*(self._answer(task, ledger, calls[i], retry_seed(seed, i),
                                                   messages) for i in lm_jobs))
     for i, answer in zip(lm_jobs, answers):
       results[i] = answer

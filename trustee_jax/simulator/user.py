@@ -7,10 +7,11 @@ message -1/0/1. An empty reply ends the episode (goal met, or clearly failed).
 import dataclasses
 from typing import Any
 
+from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.judge import render_trajectory
-from trustee_jax.simulator.tasks import Task, config_from, sampling_kwargs
+from trustee_jax.simulator.tasks import Task, sampling_kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class UserSimulator:
 
   def __init__(self, client: Any, cfg: Any = None):
     self.client = client
-    self.cfg: UserConfig = config_from(UserConfig, cfg)
+    self.cfg: UserConfig = from_config(UserConfig, cfg, block="world.user")
     self._template = system_prompts.load_template("user.jinja")
     self._schema = user_schema(self.cfg)
 
