@@ -203,7 +203,9 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   opt_bytes = per_device_bytes(opt_state)
   kv_bytes = per_device_bytes(cache) + per_device_bytes(counts)
   merged = use_lora and c.lora.sampler_weights == "merged"
-  reference = 0 if use_lora or gcfg.kl_beta == 0 else weights  # the initial params, kept
+  # the initial params, kept in the compute dtype (policy.build) for the KL reference
+  reference = 0 if use_lora or gcfg.kl_beta == 0 else weights * jnp.dtype(
+      mcfg.dtype).itemsize // jnp.dtype(mcfg.param_dtype).itemsize
   if not use_lora:  # the engine shares the params, but keeps the step's first ones until
     engine_extra = weights if t.updates_per_step > 1 else 0  # the step's last update ends
     beside_update = kv_bytes + engine_extra + reference

@@ -94,3 +94,20 @@ def test_lora_over_a_bf16_base_trains_f32_adapters(bf16_checkpoint):
   # B starts at zero: the adapted policy is the base, so its log-probs equal the reference's.
   np.testing.assert_allclose(pol.logprobs(adapters, b["tokens"], b["positions"]),
                              pol.reference_logprobs(b["tokens"], b["positions"]), atol=1e-5)
+
+
+def test_full_fine_tune_reference_outlives_the_donated_params(bf16_checkpoint):
+  cfg = run_cfg(bf16_checkpoint, param_dtype="float32", dtype="bfloat16")
+  model, _ = policy_lib.load_policy(cfg)
+  pol, trainable = policy_lib.build(cfg, model, temperature=1.0, chunk_size=256,
+                                    with_reference=True)
+  b = batch()
+  before = np.asarray(pol.logprobs(trainable, b["tokens"], b["positions"]))
+  opt = optax.adamw(1e-2)
+  fn = update.make_update_fn(pol.graphdef, opt, grpo.GRPOConfig(kl_beta=0.0), micro_batch=N,
+                             chunk_size=256)
+  trainable, _, _ = fn(trainable, pol.frozen, opt.init(trainable), dict(b, old_logprobs=before))
+  after = np.asarray(pol.logprobs(trainable, b["tokens"], b["positions"]))
+  ref = np.asarray(pol.reference_logprobs(b["tokens"], b["positions"]))  # still alive
+  assert np.abs(after - before).max() > 1e-3  # the policy moved
+  np.testing.assert_allclose(ref, before, atol=5e-2)  # the reference did not (bf16 copy)

@@ -92,7 +92,7 @@ def build(cfg, model, *, temperature: float, chunk_size: int, with_reference: bo
           ) -> tuple[Policy, nnx.State]:
   """(Policy, initial trainable state) of a loaded model: adapters added under LoRA (the base
   frozen, and with adapters off the KL reference for free), else every parameter trainable (the
-  reference a copy, since the trainable state is donated to each update)."""
+  reference a copy in the compute dtype, since the trainable state is donated to each update)."""
   lcfg = lora_config(cfg)
   meta = {"model_config": model_meta(model), "config": cfg.to_json_best_effort()}
   kw = dict(temperature=temperature, chunk_size=chunk_size)
@@ -109,8 +109,11 @@ def build(cfg, model, *, temperature: float, chunk_size: int, with_reference: bo
     base_fn = update.make_logprob_fn(base_graphdef, **kw)
     empty = nnx.State({})
     reference = lambda tokens, positions: base_fn(frozen, empty, tokens, positions)  # noqa: E731
-  elif with_reference:
-    ref = jax.tree_util.tree_map(jnp.copy, trainable)
+  elif with_reference:  # the initial policy, kept in the compute dtype (bf16 over f32 masters)
+    compute = jnp.dtype(model.cfg.dtype)
+    ref = jax.tree_util.tree_map(lambda x: jnp.array(
+        x, dtype=compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, copy=True),
+        trainable)
     reference = lambda tokens, positions: logprob_fn(ref, frozen, tokens, positions)  # noqa: E731
   policy = Policy(graphdef, frozen, lcfg, str(cfg.get("lora", {}).get("sampler_weights", "merged")),
                   meta, logprobs=lambda trainable, tokens, positions: logprob_fn(
