@@ -62,5 +62,9 @@ def test_take_trims_to_a_width_and_pads_rows_that_train_nothing():
   np.testing.assert_array_equal(arrays["advantages"], [*b.advantages[4:], 0.0, 0.0])
   empty = step_batch.take(b, np.zeros((0,), np.int64), width=4, num_rows=2)  # another process's
   assert empty["tokens"].shape == (2, 4) and not empty["loss_mask"].any()
+  wider = step_batch.take(b, np.asarray([0]), width=12, num_rows=1)  # another process's width
+  assert wider["tokens"].shape == (1, 12) and wider["loss_mask"].shape == (1, 11)
+  np.testing.assert_array_equal(wider["positions"][0, 5:], -1)
+  np.testing.assert_array_equal(wider["tokens"][0, :8], b.tokens[0])
   with pytest.raises(ValueError, match="do not fit"):
     step_batch.take(b, np.asarray([3]), width=4, num_rows=1)  # a 6-token row in 4

@@ -35,13 +35,13 @@ def load_config(name: str, **overrides):
 
 
 def assert_signal(tb_dir: pathlib.Path, steps: list[int]) -> None:
-  """Every step trained on non-zero advantages, so its gradient was real (with all-zero
-  advantages the GRPO loss has no gradient and AdamW moves the params by weight decay only)."""
+  """Most steps trained on non-zero advantages, so their gradient was real (with all-zero
+  advantages the GRPO loss has no gradient and AdamW moves the params by weight decay only).
+  With the coin judge a group is flat with probability 1/8, so not every step need have one."""
   series = scalar_series(tb_dir, ["train/nonzero_advantage_frac", "train/grad_norm"])
-  for tag in series:
-    assert sorted(series[tag]) == steps, (tag, series[tag])
-  assert all(v > 0 for v in series["train/nonzero_advantage_frac"].values()), series
-  assert all(v > 0 for v in series["train/grad_norm"].values()), series
+  for tag in ("train/nonzero_advantage_frac", "train/grad_norm"):
+    assert sorted(series.get(tag, {})) == steps, (tag, series)
+    assert sum(v > 0 for v in series[tag].values()) > len(steps) / 2, series
 
 
 def restored_state(workdir: pathlib.Path, step: int):
@@ -232,6 +232,7 @@ def test_two_processes_train_one_policy(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs/test.py"),
        "--workdir", str(tmp_path), "--config.train.steps=2", "--config.rollout_concurrency=1",
+       "--config.train.tasks_per_step=4",  # 2 groups a process: a coin-flat step is rare
        "--config.mesh.shape=(2,1,1)", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -243,7 +244,8 @@ def test_two_processes_train_one_policy(tmp_path):
   assert scalar_steps(tmp_path / "process_1" / "tb", "reward/mean") == [1, 2]
   assert_signal(tmp_path / "tb", [1, 2])
   # One process resumes what two wrote (another topology: Orbax reshards onto one device).
-  train.train(load_config("test", **{"train.steps": 3, "rollout_concurrency": 1}), tmp_path)
+  train.train(load_config("test", **{"train.steps": 3, "rollout_concurrency": 1,
+                                  "train.tasks_per_step": 4}), tmp_path)
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
 

@@ -69,8 +69,9 @@ def minibatch_rows(group_ids: np.ndarray, parts: int) -> list[np.ndarray]:
 
 
 def take(batch: StepBatch, rows: np.ndarray, *, width: int, num_rows: int) -> dict[str, np.ndarray]:
-  """The update's arrays of `rows`: `width` tokens (targets width - 1), padded with all-masked
-  rows (positions -1, advantage 0) to `num_rows`, the count every process agreed on."""
+  """The update's arrays of `rows`: `width` tokens (targets width - 1; trimmed, or padded where
+  another process's longer episodes set the width), padded with all-masked rows (positions -1,
+  advantage 0) to `num_rows`: the shape every process agreed on."""
   if len(rows) > num_rows or (len(rows) and batch.lengths[rows].max() > width):
     raise ValueError(f"{len(rows)} rows of up to {batch.lengths[rows].max()} tokens do not fit "
                      f"{num_rows} x {width}")
@@ -78,6 +79,8 @@ def take(batch: StepBatch, rows: np.ndarray, *, width: int, num_rows: int) -> di
 
   def pad(x: np.ndarray, cols: int | None, fill) -> np.ndarray:
     x = x[rows] if cols is None else x[rows, :cols]
+    if cols is not None and x.shape[1] < cols:  # another process's episodes were longer
+      x = np.concatenate([x, np.full((len(x), cols - x.shape[1]), fill, x.dtype)], axis=1)
     return np.concatenate([x, np.full((extra,) + x.shape[1:], fill, x.dtype)])
 
   out = {"tokens": pad(batch.tokens, width, 0), "positions": pad(batch.positions, width, -1),
