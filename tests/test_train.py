@@ -320,3 +320,15 @@ def test_old_logprobs_are_the_sampling_policys_in_every_mini_batch(tmp_path):
     np.testing.assert_array_equal(s["old"], s["start"])  # the sampling policy's, every time
     moved = float(np.max(np.abs(s["now"] - s["old"]) * s["mask"]))
     assert (moved == 0.0) == (i == 0), (i, moved)  # ratio exactly 1 only in the first update
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_unless_allowed(tmp_path):
+  overrides = {"train.steps": 1, "validation.every": 0, "rollout_concurrency": 1}
+  train.train(load_config("test", **overrides), tmp_path)
+  changed = load_config("test", **{**overrides, "train.steps": 2,
+                                   "train.optimizer.learning_rate": 3e-4})
+  with pytest.raises(CheckpointMismatchError, match="train.optimizer.learning_rate"):
+    train.train(changed, tmp_path)
+  changed.resume.allow_changes = ("train.optimizer.learning_rate",)
+  assert "train/loss" in train.train(changed, tmp_path)  # resumed on purpose: step 2
+  assert (tmp_path / "checkpoints" / "2").is_dir()

@@ -84,5 +84,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.validation = ml_collections.ConfigDict(dict(every=10, num_tasks=16, samples=4,
                                                 temperature=0.6, top_p=0.95, top_k=20, level=0))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3))
+  # A resume refuses a config that differs from the checkpoint's beyond checkpoint.py's
+  # RESUMABLE_CHANGES (steps, logging, cadences, endpoints); these patterns allow more.
+  c.resume = ml_collections.ConfigDict(dict(allow_changes=()))
   c.log = ml_collections.ConfigDict(dict(episodes_every=1, episodes_per_log=8))
   return c

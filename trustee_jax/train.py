@@ -19,7 +19,7 @@ from flax import nnx
 from trustee_jax import curriculum as cur
 from trustee_jax import distributed, grpo, lora, rollout, seeding, step_batch, update
 from trustee_jax import policy as policy_lib
-from trustee_jax.checkpoint import Checkpointer, abstract_like
+from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
 from trustee_jax.chat import ChatFormat
 from trustee_jax.sampling.engine import Engine
 from trustee_jax.simulator.tasks import Task
@@ -148,7 +148,10 @@ class Trainer:
     step = self.ckpt.latest_step()
     if step is None:
       return 0
-    restored, _ = self.ckpt.restore(step, abstract_like(self.checkpoint_view()), self.meta)
+    allow = tuple(self.cfg.get("resume", {}).get("allow_changes", ()))
+    restored, _ = self.ckpt.restore(
+        step, abstract_like(self.checkpoint_view()), self.meta,
+        check_meta=lambda meta: check_resumable(meta.get("config"), self.meta["config"], allow))
     for key in HOST_STATE:  # back to this process's own copies
       restored[key] = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), restored[key])
     self.state = restored
