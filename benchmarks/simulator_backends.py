@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from trustee_jax.serving.lifetime import die_with_parent  # noqa: E402
 from trustee_jax.world import free_port  # noqa: E402
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF both backends serve (default: the packaged "
@@ -101,11 +102,7 @@ def serve_jax() -> None:
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())
   if _PARENT.value:
-    def watch():
-      while not stop.wait(1.0):
-        if not _alive(_PARENT.value):
-          stop.set()
-    threading.Thread(target=watch, daemon=True).start()
+    die_with_parent(_PARENT.value, stop.set)
   t0 = time.perf_counter()
   path = None if _JAX_MODEL.value == "smollm2" else _JAX_MODEL.value
   net = weights.load_gguf(path, param_dtype=_DTYPE.value)
@@ -124,16 +121,6 @@ def serve_jax() -> None:
   finally:
     server.stop(timeout_s=30)
     sim.close()
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
 
 
 # ------------------------------------------------------------------------- backend processes

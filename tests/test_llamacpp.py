@@ -10,7 +10,6 @@ import asyncio
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
 from trustee_jax.serving import llamacpp  # noqa: E402
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient, SimulatorError  # noqa: E402
 from trustee_jax.simulator.user import UserConfig, user_schema  # noqa: E402
+from trustee_jax.world import stop_server  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = "test-key-llamacpp"
@@ -65,12 +65,7 @@ def server():
       time.sleep(0.5)
     yield url
   finally:
-    proc.send_signal(signal.SIGTERM)
-    try:
-      proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
+    stop_server(proc, timeout_s=60)
 
 
 def _client(url: str, **kw) -> SimulatorClient:

@@ -144,12 +144,13 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
-def stop_server(proc: subprocess.Popen | None) -> None:
+def stop_server(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> None:
+  """SIGTERM, `timeout_s` to finish gracefully, then SIGKILL; a finished process is left be."""
   if proc is None or proc.poll() is not None:
     return
   proc.send_signal(signal.SIGTERM)
   try:
-    proc.wait(timeout=30)
+    proc.wait(timeout=timeout_s)
   except subprocess.TimeoutExpired:
     proc.kill()
     proc.wait()

@@ -12,16 +12,14 @@ The API key can also come from $TRUSTEE_SIMULATOR_API_KEY (kept out of `ps`).
 `launch/serve_simulator.py` is the same command (a wrapper around `cli`). The flags are defined
 when this module is imported, so import it only to run it.
 """
-import ctypes
-import ctypes.util
 import os
 import signal
-import sys
 import threading
 
 from absl import app, flags
 
 from trustee_jax.models.packaged import MODELS  # light: no JAX
+from trustee_jax.serving.lifetime import die_with_parent  # light: no JAX
 
 _MODEL = flags.DEFINE_string(
     "model", "smollm2", f"A packaged GGUF ({', '.join(MODELS)}), a Hugging Face directory, or a "
@@ -48,46 +46,11 @@ _GRACE = flags.DEFINE_float("graceful_timeout_s", 30.0, "Time in-flight requests
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
                                "uvicorn's log level ('info' logs every request).")
 
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int, stop: threading.Event) -> None:
-  """SIGTERM from the kernel when our parent exits (Linux), plus a watchdog on `parent_pid`.
-
-  PR_SET_PDEATHSIG fires when the parent *thread* that forked us exits; the watchdog
-  covers other platforms and a --parent_pid that is not our direct parent.
-  """
-  if sys.platform.startswith("linux") and os.getppid() == parent_pid:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-      raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-  if not _alive(parent_pid):
-    raise SystemExit(f"parent process {parent_pid} is already gone")
-
-  def watch():
-    while not stop.wait(1.0):
-      if not _alive(parent_pid) or (sys.platform.startswith("linux") and os.getppid() == 1):
-        print(f"parent process {parent_pid} died; stopping", flush=True)
-        stop.set()
-
-  threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def main(argv):
   del argv
   stop = threading.Event()
   if _PARENT_PID.value:
-    die_with_parent(_PARENT_PID.value, stop)
+    die_with_parent(_PARENT_PID.value, stop.set)
   # Heavy imports after flag parsing keep --help fast.
   from trustee_jax.serving.server import ServerThread, load_simulator  # noqa: PLC0415
   sim = load_simulator(_MODEL.value, _TOKENIZER.value, served_name=_SERVED_NAME.value,

@@ -41,19 +41,16 @@ several processes (one thread each) on different ports and list them all in the 
 by `cli`, not on import, so the shim can be imported beside other modules that define absl
 flags of the same names (the embedded server's CLI, the launchers).
 """
-import ctypes
-import ctypes.util
 import json
 import os
 import pathlib
-import signal
 import socket
-import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
+
+from trustee_jax.serving.lifetime import die_with_parent
 
 FLAGS = flags.FLAGS
 
@@ -261,26 +258,6 @@ def build_app(model_path: pathlib.Path, served_name: str, *, n_ctx: int, n_threa
               logits_all, GrammarCheck(model_path))
 
 
-def _die_with_parent(parent_pid: int, stop) -> None:
-  if sys.platform.startswith("linux") and os.getppid() == parent_pid:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-  def watch():
-    while True:
-      try:
-        os.kill(parent_pid, 0)
-      except ProcessLookupError:
-        print(f"parent process {parent_pid} died; stopping", flush=True)
-        stop()
-        return
-      except PermissionError:
-        pass
-      threading.Event().wait(1.0)
-
-  threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def main(argv):
   del argv
   f = FLAGS
@@ -300,7 +277,7 @@ def main(argv):
   server = uvicorn.Server(uvicorn.Config(asgi, log_level=f.log_level, lifespan="off",
                                          timeout_graceful_shutdown=30))
   if f.parent_pid:
-    _die_with_parent(f.parent_pid, lambda: setattr(server, "should_exit", True))
+    die_with_parent(f.parent_pid, lambda: setattr(server, "should_exit", True))
   url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
   print(f"llama.cpp simulator {served} ({path.name}) serving at {url}/v1 "
         f"(n_ctx={f.n_ctx}, threads={f.n_threads}, logits_all={f.logits_all}, "
