@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from trustee_jax import chat as chat_lib
+from trustee_jax.config_dataclass import from_config
 from trustee_jax.sampling.engine import EngineError, SamplingParams
 from trustee_jax.seeding import derive_seed
 from trustee_jax.simulator.client import SimulatorError
@@ -43,8 +44,7 @@ class RolloutConfig:
   @classmethod
   def from_dict(cls, d: Any) -> "RolloutConfig":
     """From the `rollout` block; an unknown key is a ValueError naming it."""
-    from trustee_jax import config_dataclass  # pylint: disable=import-outside-toplevel
-    return config_dataclass.from_config(cls, d, block="rollout")
+    return from_config(cls, d, block="rollout")
 
 
 class PromptTooLongError(ValueError):

@@ -57,14 +57,11 @@ class RunLogger:
       out[f"episodes/dropped_{cause}"] = float(n)
     for term in ("user_ended", "budget_turns", "budget_tokens"):
       out[f"episodes/end_{term}"] = _mean([e.termination == term for e in eps])
-    groups: dict[int, list[float]] = {}
-    for e in eps:
-      groups.setdefault(e.task_index, []).append(e.reward)
-    if groups:  # the std the advantages divide by: grpo's one definition
-      ids = {t: i for i, t in enumerate(groups)}
+    if eps:  # the std the advantages divide by: grpo's one definition
+      ids = {t: i for i, t in enumerate(dict.fromkeys(e.task_index for e in eps))}
       m = grpo.group_metrics(jnp.asarray([e.reward for e in eps], jnp.float32),
                              jnp.asarray([ids[e.task_index] for e in eps]),
-                             jnp.ones(len(eps), bool), grpo_cfg, num_groups=len(groups))
+                             jnp.ones(len(eps), bool), grpo_cfg, num_groups=len(ids))
       out["reward/group_std"] = float(m["reward/group_std"])
       out["reward/zero_variance_groups"] = float(m["reward/zero_variance_frac"])
     for key in (tasks[0].knobs if tasks else {}):
