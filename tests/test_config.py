@@ -26,7 +26,7 @@ CLASSES = {"rollout": rollout.RolloutConfig, "grpo": grpo.GRPOConfig,
            "world.user": user.UserConfig, "world.tools": tools.ToolSimConfig,
            "world.judge": judge.JudgeConfig}
 SHIPPED = ["demo", "learning", "learning:smollm2", "test", "trustee_paper", "qwen3_8b:gpu",
-           "qwen3_8b:gpu8", "qwen3_8b:tpu"]
+           "qwen3_8b:gpu8", "qwen3_8b:tpu", "ablations:no_curriculum", "ablations:no_user_intent"]
 
 
 def block_of(cfg, path: str):

@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_turn_tokens=512, max_episode_tokens=4096, temperature=1.0, top_p=1.0,
       top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0,
-      accept_untagged_calls=False))
+      accept_untagged_calls=False, ablate=()))  # ablate: rollout.ABLATIONS, configs/ablations.py
 
   c.train = ml_collections.ConfigDict(dict(
       steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,

@@ -40,11 +40,36 @@ class RolloutConfig:
   # Accept a bare or fenced {"name", "arguments"} object naming an offered tool as a call (small
   # models that skip the <tool_call> tags); counted apart either way. Off in the paper config.
   accept_untagged_calls: bool = False
+  # The reference's environment ablations: task fields hidden from the simulator roles that would
+  # see them (ABLATIONS); the task generator still writes them and the policy never sees them.
+  ablate: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    unknown = sorted(set(self.ablate) - set(ABLATIONS))
+    if unknown:
+      raise ValueError(f"rollout.ablate: unknown {unknown}; known: {sorted(ABLATIONS)}")
 
   @classmethod
   def from_dict(cls, d: Any) -> "RolloutConfig":
     """From the `rollout` block; an unknown key is a ValueError naming it."""
     return from_config(cls, d, block="rollout")
+
+
+# ablation -> (the Task fields it blanks, the roles that otherwise see them), as the reference:
+# the user sees intent and persona, the tools the intent, the judge all three.
+ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "user_intent": (("user_intent",), ("user", "tools", "judge")),
+    "user_persona": (("user_persona",), ("user", "judge")),
+    "expected_tool_calls": (("expected_tool_calls", "expected_calls"), ("judge",)),
+}
+
+
+def role_task(task: Task, role: str, ablate: Sequence[str]) -> Task:
+  """The task as `role` ("user" | "tools" | "judge") sees it under the ablations: each ablated
+  field blank (the prompts then leave its section out), everything else as generated."""
+  blank = {f: type(getattr(task, f))() for a in ablate for f in ABLATIONS[a][0]
+           if role in ABLATIONS[a][1]}
+  return dataclasses.replace(task, **blank) if blank else task
 
 
 class PromptTooLongError(ValueError):
@@ -189,6 +214,8 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
     raise PromptTooLongError(
         f"task {task_index}: its prompt ({len(seq.tokens)} tokens, {len(tools)} tools) leaves no "
         f"room for a turn within rollout.max_episode_tokens={cfg.max_episode_tokens}")
+  user_task, tool_task, judge_task = (role_task(task, r, cfg.ablate)
+                                       for r in ("user", "tools", "judge"))
   ledger = ToolLedger.for_task(task)
   offered = {chat_lib.normalize_tools([t])[0]["function"].get("name") for t in tools}
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
@@ -231,7 +258,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       ep.num_valid_calls += valid
       ep.num_tool_calls += len(calls)
       if calls:
-        results = await world.tools.execute(task, ledger, calls, derive_seed(seed, turn, 1))
+        results = await world.tools.execute(tool_task, ledger, calls, derive_seed(seed, turn, 1))
         for call, res in zip(calls, results):
           new_msgs.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
                            "content": res.content})
@@ -246,7 +273,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       if user_turns >= knobs["max_user_turns"]:
         ep.termination = "budget_turns"
         break
-      reply = await world.user.respond(task, messages, derive_seed(seed, turn, 2))
+      reply = await world.user.respond(user_task, messages, derive_seed(seed, turn, 2))
       seq.set_turn_reward(span, float(reply.reward))
       user_turns += 1
       if reply.ended:
@@ -261,7 +288,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       ep.termination = "budget_tokens"
       break
     seq.add(cont)
-  judgement = await world.judge.score(task, messages, knobs["num_criteria"],
+  judgement = await world.judge.score(judge_task, messages, knobs["num_criteria"],
                                       derive_seed(seed, 0, 3))
   ep.tokens = np.asarray(seq.tokens, np.int32)
   ep.loss_mask = np.asarray(seq.mask, np.int32)

@@ -156,8 +156,20 @@ def stop_server(proc: subprocess.Popen | None, timeout_s: float = 30.0) -> None:
     proc.wait()
 
 
+def check_ablations(cfg) -> None:
+  """The environment ablations hide fields from LM roles; the rule-based doubles and the judge
+  modes that check calls against the expected ones would silently ignore or need them."""
+  ablate = tuple(cfg.rollout.get("ablate", ()))
+  if ablate and cfg.simulator.mode == "doubles":
+    raise ValueError(f"rollout.ablate={ablate} needs an LM world: the doubles ignore the fields")
+  if "expected_tool_calls" in ablate and cfg.world.judge.get("mode", "lm") != "lm":
+    raise ValueError(f"rollout.ablate names expected_tool_calls, which judge.mode="
+                     f"{cfg.world.judge.mode!r} checks the calls against; use judge.mode='lm'")
+
+
 async def build_world(cfg) -> SimWorld:
   """The world named by `cfg.simulator.mode`: "doubles", "embedded" or "url"."""
+  check_ablations(cfg)
   sim = cfg.simulator
   if sim.mode == "doubles":
     judge_name = sim.get("doubles_judge", "rule")
