@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from trustee_jax import config_files, curriculum, grpo, lora, rollout, train
+from trustee_jax import config_files, curriculum, grpo, lora, rollout, train, world
 from trustee_jax.config_dataclass import from_config
 from trustee_jax.default_config import default_config, role_sampling
 from trustee_jax.simulator import judge, tasks, tools, user
@@ -20,11 +20,12 @@ BLOCKS = {
     "world.user": lambda b: from_config(user.UserConfig, b, block="world.user"),
     "world.tools": lambda b: from_config(tools.ToolSimConfig, b, block="world.tools"),
     "world.judge": lambda b: from_config(judge.JudgeConfig, b, block="world.judge"),
+    "world.task_refill": world.TaskRefill.from_dict,
 }
 CLASSES = {"rollout": rollout.RolloutConfig, "grpo": grpo.GRPOConfig,
            "curriculum": curriculum.CurriculumConfig, "world.task": tasks.TaskGenConfig,
            "world.user": user.UserConfig, "world.tools": tools.ToolSimConfig,
-           "world.judge": judge.JudgeConfig}
+           "world.judge": judge.JudgeConfig, "world.task_refill": world.TaskRefill}
 SHIPPED = ["demo", "learning", "learning:smollm2", "test", "trustee_paper", "qwen3_8b:gpu",
            "qwen3_8b:gpu8", "qwen3_8b:tpu", "ablations:no_curriculum", "ablations:no_user_intent"]
 

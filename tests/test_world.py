@@ -7,6 +7,8 @@ import pytest
 
 from trustee_jax import rollout, world
 from trustee_jax.default_config import default_config
+from trustee_jax.simulator import doubles, tasks
+from trustee_jax.simulator.client import SimulatorError
 
 
 def _cfg(tmp_path, **simulator):
@@ -66,3 +68,64 @@ def test_servers_start_as_package_modules(tmp_path):
   """Started with `python -m`, so an install without the checkout's launch/ directory works."""
   sim = _cfg(tmp_path, backend="jax", model="tiny-llama").simulator
   assert world._jax_server_cmd(sim, 0)[1:3] == ["-m", "trustee_jax.serving"]
+
+
+class FlakyGenerator:
+  """A task generator that fails the first `outages` batches (the simulator unreachable) and
+  then writes a task only for knobs whose num_tools is at most `max_tools`."""
+
+  def __init__(self, outages=0, max_tools=99):
+    self.outages, self.max_tools, self.batches = outages, max_tools, []
+    self.inner = doubles.TaskGeneratorDouble()
+
+  async def generate_batch(self, requests, *, avoid_queries=()):
+    self.batches.append(([r.knobs["num_tools"] for r in requests], list(avoid_queries)))
+    if self.outages:
+      self.outages -= 1
+      raise SimulatorError("http://127.0.0.1:1", "connect", "connection refused")
+    batch = await self.inner.generate_batch(requests, avoid_queries=avoid_queries)
+    keep = [t for t in batch.tasks if t.knobs["num_tools"] <= self.max_tools]
+    return tasks.TaskBatch(keep, batch.failures + [(0, "too hard")] * (len(batch.tasks) - len(keep)))
+
+
+def knobs(n, num_tools):
+  kn = dict(num_tools=num_tools, num_expected_calls=1, persona_level=0, ambiguity_level=0,
+            expected_turns=1, system_prompt_level=0, num_criteria=1, max_user_turns=2,
+            max_assistant_turns=3, max_tool_turns=2)
+  return [dict(kn) for _ in range(n)]
+
+
+def flaky_world(gen, **refill):
+  return world.SimWorld(gen, None, None, None, doubles.double_pool(),
+                        refill=world.TaskRefill(max_sleep_s=0.01, **refill))
+
+
+def test_short_batch_is_refilled_from_easier_knobs_then_counted():
+  gen = FlakyGenerator(max_tools=2)
+  w = flaky_world(gen, rounds=2, oversample=2)
+  asked = []
+
+  def easier(n):
+    asked.append(n)
+    return knobs(n, 2)
+  got = asyncio.run(w.make_tasks(knobs(2, 2) + knobs(2, 5), 0, easier=easier))
+  assert len(got) == 4 and asked == [4]  # 2 missing, asked twice over, filled in one round
+  assert w.counters["tasks/refilled"] == 2 and w.counters["tasks/short"] == 0
+  first_queries = [t.first_user_query for t in got[:2]]
+  assert gen.batches[1] == ([2] * 4, first_queries)  # no refill repeats a task it has
+  # Knobs nothing can satisfy: bounded rounds, then a short batch, counted, never padded.
+  w = flaky_world(FlakyGenerator(max_tools=0), rounds=3)
+  assert asyncio.run(w.make_tasks(knobs(3, 2), 0, easier=lambda n: knobs(n, 2))) == []
+  assert w.counters["tasks/short"] == 3 and len(w.generator.batches) == 4
+  # Validation (no `easier`) is never refilled.
+  w = flaky_world(FlakyGenerator(max_tools=2))
+  assert len(asyncio.run(w.make_tasks(knobs(1, 2) + knobs(1, 5), 0))) == 1
+
+
+def test_outage_is_waited_out_then_named():
+  w = flaky_world(FlakyGenerator(outages=3), outage_wait_s=1.0)
+  assert len(asyncio.run(w.make_tasks(knobs(2, 2), 0))) == 2
+  assert w.counters["tasks/outage_waits"] == 3
+  w = flaky_world(FlakyGenerator(outages=10 ** 6), outage_wait_s=0.05)
+  with pytest.raises(SimulatorError, match=r"127\.0\.0\.1:1.*gave up after waiting.*outage_wait_s"):
+    asyncio.run(w.make_tasks(knobs(1, 2), 0))

@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.world.task = ml_collections.ConfigDict(dict(
       hidden_facts=True, initial_state=True, expected_arguments=True, max_attempts=3,
       **role_sampling(max_tokens=1024, temperature=1.0)))
+  # A short batch of tasks is refilled at an easier level; an outage is waited out (world.py).
+  c.world.task_refill = ml_collections.ConfigDict(dict(
+      rounds=5, oversample=2, level_drop=10, outage_wait_s=300.0, max_sleep_s=30.0))
   c.world.user = ml_collections.ConfigDict(role_sampling(max_tokens=384))
   c.world.tools = ml_collections.ConfigDict(dict(
       schema_check=True, use_ledger=True, max_result_chars=512, max_parallel_calls=3,

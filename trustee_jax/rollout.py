@@ -115,9 +115,11 @@ class World(Roles, Protocol):
   """The whole simulated world, as the Trainer uses it (world.SimWorld is the implementation):
   the roles, task generation, counters, and shutdown."""
 
-  async def make_tasks(self, knobs_list: Sequence[Any], seed: int) -> list[Task]:
-    """One task per knobs (curriculum.TaskKnobs, or a TaskKnobs batch); failures are dropped
-    and counted, never padded, so fewer tasks may come back."""
+  async def make_tasks(self, knobs_list: Sequence[Any], seed: int,
+                       easier: Any = None) -> list[Task]:
+    """One task per knobs (curriculum.TaskKnobs, or a TaskKnobs batch); a short batch is
+    refilled from `easier(n)` knobs where given; failures are counted, never padded, so fewer
+    tasks may come back."""
     ...
 
   async def make_validation_tasks(self, knobs_list: Sequence[Any], seed: int) -> list[Task]:

@@ -171,9 +171,16 @@ class Trainer:
       state = state.replace(level=jnp.full_like(state.level, level))
     knobs = cur.knobs(cur_cfg, state, key, n).unbatch()
     mine = knobs[distributed.process_slice(len(knobs), self.info)]
-    make = self.world.make_validation_tasks if validation else self.world.make_tasks
     seed = seeding.derive_seed(self.host_seed, step if seed_step is None else seed_step)
-    return await make(mine, seed)
+    if validation:
+      return await self.world.make_validation_tasks(mine, seed)
+    drop = self.cfg.world.task_refill.level_drop
+    easier_state = state.replace(level=jnp.maximum(state.level - drop, cur_cfg.level_min))
+
+    def easier(count: int) -> list:  # refill knobs: the reference's temporarily easier level
+      refill_key = jax.random.fold_in(jax.random.fold_in(key, self.info.index), count)
+      return cur.knobs(cur_cfg, easier_state, refill_key, count).unbatch()
+    return await self.world.make_tasks(mine, seed, easier=easier)
 
   def _step_batch(self, episodes: list[rollout.Episode]) -> step_batch.StepBatch:
     """The step's rows, advantages over all of this process's episodes at once."""

@@ -2,6 +2,7 @@
 embedded server, started here as a child process that dies with us), or the rule-based doubles."""
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import pathlib
@@ -11,13 +12,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 import numpy as np
 
+from trustee_jax.config_dataclass import from_config
+from trustee_jax.seeding import retry_seed
 from trustee_jax.simulator import doubles, judge, tasks, tools, tools_pool, user
-from trustee_jax.simulator.client import ClientConfig, SimulatorClient
+from trustee_jax.simulator.client import ClientConfig, SimulatorClient, SimulatorError
 
 # The servers run as `python -m` modules of this package (trustee_jax/serving/), found the way
 # this process found it (an install, or a checkout on sys.path: see `_server_env`).
@@ -25,20 +29,70 @@ JAX_SERVER = "trustee_jax.serving"
 LLAMACPP_SERVER = "trustee_jax.serving.llamacpp"
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRefill:
+  """How a step gets its tasks when generation falls short or the simulator is down (the
+  reference: 2x oversampling, up to 5 rounds, at a level 10 lower). `easier` knobs come from the
+  trainer; an outage is waited out with doubling sleeps for up to `outage_wait_s` in all."""
+  rounds: int = 5
+  oversample: int = 2
+  level_drop: int = 10
+  outage_wait_s: float = 300.0
+  max_sleep_s: float = 30.0
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "TaskRefill":
+    return from_config(cls, d, block="world.task_refill")
+
+
 class SimWorld:
   """The roles plus task generation, simulator counters, and clean shutdown: a rollout.World."""
 
   def __init__(self, generator, user_sim, tool_sim, judge_sim, pool, *, client=None,
-               servers: list[subprocess.Popen] | None = None):
+               servers: list[subprocess.Popen] | None = None, refill: TaskRefill = TaskRefill()):
     self.user, self.tools, self.judge = user_sim, tool_sim, judge_sim
     self.generator, self.pool, self.client = generator, pool, client
     self.servers = list(servers or [])
+    self.refill = refill
     self.counters: collections.Counter = collections.Counter()
 
-  async def make_tasks(self, knobs_list, seed: int) -> list[tasks.Task]:
-    """One task per knobs, tools sampled from the pool; failures are counted, never padded."""
+  async def make_tasks(self, knobs_list, seed: int,
+                       easier: Callable[[int], Sequence[Any]] | None = None) -> list[tasks.Task]:
+    """One task per knobs, tools sampled from the pool. A short batch is refilled from
+    `easier(n)` knobs (refill.oversample x the missing count a round, up to refill.rounds
+    rounds); what is still missing is counted (`world/tasks/short`), never padded."""
+    got = await self._generate(knobs_list, seed)
+    for r in range(self.refill.rounds if easier is not None else 0):
+      missing = len(knobs_list) - len(got)
+      if missing <= 0:
+        break
+      extra = await self._generate(easier(self.refill.oversample * missing),
+                                   retry_seed(seed, r + 1), avoid=got)
+      got += extra[:missing]
+      self.counters["tasks/refilled"] += min(missing, len(extra))
+    self.counters["tasks/short"] += len(knobs_list) - len(got)
+    return got
+
+  async def _generate(self, knobs_list, seed: int, avoid: Sequence[tasks.Task] = ()):
+    """One round of generation; a simulator outage is waited out (counted) for up to
+    refill.outage_wait_s, then a SimulatorError naming the endpoint and the time waited."""
     requests = tasks.sample_requests(self.pool, knobs_list, np.random.default_rng(seed))
-    batch = await self.generator.generate_batch(requests)
+    waited, sleep = 0.0, min(1.0, self.refill.max_sleep_s)
+    while True:
+      try:
+        batch = await self.generator.generate_batch(
+            requests, avoid_queries=[t.first_user_query for t in avoid])
+        break
+      except SimulatorError as e:
+        if waited >= self.refill.outage_wait_s:
+          raise SimulatorError(e.endpoint, e.cause, f"task generation gave up after waiting "
+                               f"{waited:.0f}s (world.task_refill.outage_wait_s="
+                               f"{self.refill.outage_wait_s:g}): {e.message}") from e
+        self.counters["tasks/outage_waits"] += 1
+        logging.warning("task generation: %s; retrying in %.0fs (%.0fs waited so far)", e,
+                        sleep, waited)
+        await asyncio.sleep(sleep)
+        waited, sleep = waited + sleep, min(2 * sleep, self.refill.max_sleep_s)
     for index, reason in batch.failures:  # loud: why a task is missing, not only how many
       logging.warning("task %d not generated: %s", index, reason[:2000])
     self.counters["tasks/failed"] += len(batch.failures)
@@ -178,7 +232,8 @@ async def build_world(cfg) -> SimWorld:
                        f"got {judge_name!r}")
     return SimWorld(doubles.TaskGeneratorDouble(), doubles.UserDouble(),
                     doubles.ToolDouble(cfg.rollout.max_parallel_calls),
-                    doubles.JUDGES[judge_name](), doubles.double_pool())
+                    doubles.JUDGES[judge_name](), doubles.double_pool(),
+                    refill=TaskRefill.from_dict(cfg.world.get("task_refill", {})))
   servers = []
   if sim.mode == "embedded":
     urls, servers = await asyncio.to_thread(start_embedded_servers, sim)
@@ -194,4 +249,5 @@ async def build_world(cfg) -> SimWorld:
           if w.get("tool_pool") else tools_pool.load_shipped_pool())
   roles = (tasks.TaskGenerator(client, w.task.to_dict()), user.UserSimulator(client, w.user.to_dict()),
            tools.ToolSimulator(client, w.tools.to_dict()), judge.Judge(client, w.judge.to_dict()))
-  return SimWorld(*roles, pool, client=client, servers=servers)
+  return SimWorld(*roles, pool, client=client, servers=servers,
+                  refill=TaskRefill.from_dict(w.get("task_refill", {})))
