@@ -1,5 +1,6 @@
 """Fault tests for SimulatorClient against a scripted, misbehaving HTTP server on 127.0.0.1."""
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -282,6 +283,34 @@ def test_round_robin_spreads_calls():
         contents = [(await c.chat(_messages())).content for _ in range(4)]
         assert contents == ["a", "b", "a", "b"]
   asyncio.run(main())
+
+
+@pytest.mark.timeout(10)
+def test_one_conversation_stays_on_one_url_and_fails_over():
+  async def main():
+    async with contextlib.AsyncExitStack() as stack:
+      servers = [await stack.enter_async_context(ScriptedServer(ok(name))) for name in "abc"]
+      async with SimulatorClient(_config(*(s.url for s in servers))) as c:
+        by_task = {t: {(await c.chat(_messages(), affinity=t)).content for _ in range(4)}
+                   for t in ("task-1", "task-2", "task-3", "task-4", "task-5")}
+        assert all(len(seen) == 1 for seen in by_task.values())  # pinned, turn after turn
+        assert len(set().union(*by_task.values())) > 1  # and tasks spread over the URLs
+    async with ScriptedServer(reply(500, {"error": "down"})) as bad, ScriptedServer(ok("b")) as b:
+      async with SimulatorClient(_config(bad.url, b.url, max_retries=1)) as c:
+        pinned_to_bad = next(t for t in (f"t{i}" for i in range(64))
+                             if client_lib.zlib.crc32(t.encode()) % 2 == 0)
+        assert (await c.chat(_messages(), affinity=pinned_to_bad)).content == "b"
+  asyncio.run(main())
+
+
+def test_reasoning_is_read_under_either_name():
+  body = _completion("answer")
+  msg = body["choices"][0]["message"]
+  msg.pop("reasoning_content")
+  msg["reasoning"] = "thought"  # vLLM's newer name
+  assert client_lib.parse_choice(body, "u").reasoning_content == "thought"
+  msg["reasoning_content"] = "sglang"
+  assert client_lib.parse_choice(body, "u").reasoning_content == "sglang"
 
 
 @pytest.mark.timeout(10)

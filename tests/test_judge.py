@@ -99,10 +99,12 @@ def naive_render(messages):
 
 @pytest.mark.parametrize("name", list(INJECTIONS))
 def test_injection_does_not_move_the_score(name, monkeypatch):
-  judge = judge_mod.Judge(ScriptedClient(gullible_judge_lm(honest=-1)))
+  client = ScriptedClient(gullible_judge_lm(honest=-1))
+  judge = judge_mod.Judge(client)
   clean = asyncio.run(judge.score(TASK, episode(), 5, seed=0))
   attacked = asyncio.run(judge.score(TASK, episode(**INJECTIONS[name]), 5, seed=0))
   assert clean.score == attacked.score == -1
+  assert {r.kwargs["affinity"] for r in client.requests} == {TASK.task_id}
   # Positive control: the same text rendered unescaped does flip the same double.
   monkeypatch.setattr(judge_mod, "render_trajectory", naive_render)
   control = asyncio.run(judge.score(TASK, episode(**INJECTIONS[name]), 5, seed=0))

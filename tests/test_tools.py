@@ -96,6 +96,7 @@ def test_reference_mode_checks_only_that_the_tool_exists():
   calls = [ToolCall("get_order", {}), ToolCall("nope", {})]
   results = asyncio.run(sim.execute(TASK, tl.ToolLedger.for_task(TASK), calls, seed=0))
   assert len(client.requests) == 1  # the malformed call goes to the LM, the unknown tool does not
+  assert client.requests[0].kwargs["affinity"] == TASK.task_id
   assert results[0].valid and results[0].content == "Error: order_id is required"
   assert not results[1].valid and "does not exist" in results[1].content
 

@@ -32,6 +32,7 @@ def test_prompt_and_request():
   assert got == UserReply("Two of us, 7:30.", 1, False)
   (req,) = client.requests
   assert req.role == "user" and req.kwargs["seed"] == 3 and req.kwargs["temperature"] == 0.8
+  assert req.kwargs["affinity"] == TASK.task_id  # the episode's calls stay on one server
   for text in (TASK.user_persona, TASK.user_intent, "Half past seven suits best.",
                "- book_table: Book a restaurant table.", "For how many people"):
     assert text in req.prompt, text

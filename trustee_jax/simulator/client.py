@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import time
+import zlib
 from typing import Any
 
 import httpx
@@ -164,7 +165,9 @@ def parse_choice(raw: Any, endpoint: str, index: int = 0) -> ChatResult:
   if finish == "abort":
     raise ValueError("the server aborted the generation (finish_reason 'abort')")
   content = message.get("content") or ""
-  reasoning = message.get("reasoning_content")
+  reasoning = message.get("reasoning_content")  # SGLang and older vLLM; newer vLLM: "reasoning"
+  if reasoning is None:
+    reasoning = message.get("reasoning")
   if not isinstance(content, str) or not (reasoning is None or isinstance(reasoning, str)):
     raise ValueError("content or reasoning_content is not a string")
   calls = message.get("tool_calls") or []
@@ -298,8 +301,11 @@ class SimulatorClient:
                  stop: str | list[str] | None = None, frequency_penalty: float | None = None,
                  n: int | None = None, logprobs: bool | None = None,
                  top_logprobs: int | None = None,
-                 chat_template_kwargs: dict[str, Any] | None = None) -> ChatResult:
-    """One chat completion, retried on transient failures; raises SimulatorError."""
+                 chat_template_kwargs: dict[str, Any] | None = None,
+                 affinity: str | None = None) -> ChatResult:
+    """One chat completion, retried on transient failures; raises SimulatorError. Calls with
+    the same `affinity` (an episode's task id) go to the same URL first, so the server's prefix
+    cache keeps the conversation; retries move on to the next URL."""
     body: dict[str, Any] = {"model": self.config.model, "messages": messages}
     optional = dict(tools=tools, tool_choice=tool_choice, response_format=response_format,
                     temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
@@ -308,7 +314,7 @@ class SimulatorClient:
     body.update({k: v for k, v in optional.items() if v is not None})
     self._counts[f"calls/{role}"] += 1
     urls = self.config.urls
-    start = next(self._turn)
+    start = zlib.crc32(affinity.encode()) if affinity else next(self._turn)
     for attempt in range(self.config.max_retries + 1):
       url = urls[(start + attempt) % len(urls)]
       try:

@@ -306,33 +306,34 @@ class Judge:
         out[i] = self._question.render(excerpt=render_data("excerpt", picked), question=question)
     return out
 
-  async def _ask(self, prompt: str, seed: int) -> bool:
+  async def _ask(self, prompt: str, seed: int, affinity: str) -> bool:
     """One yes/no answer: sampled, or from the answer token's log-probs (logprob_threshold)."""
     messages = [{"role": "user", "content": prompt}]
     if self.cfg.logprob_threshold is None:
       raw = await self.client.chat_json(messages, question_schema(), role="judge", seed=seed,
-                                        **sampling_kwargs(self.cfg))
+                                        affinity=affinity, **sampling_kwargs(self.cfg))
       return raw["answer"] == "yes"
     fmt = {"type": "json_schema",
            "json_schema": {"name": "judge", "schema": question_schema(), "strict": True}}
     result = await self.client.chat(messages, role="judge", response_format=fmt, logprobs=True,
                                     top_logprobs=self.cfg.top_logprobs, seed=seed,
-                                    **sampling_kwargs(self.cfg))
+                                    affinity=affinity, **sampling_kwargs(self.cfg))
     choice = (result.raw.get("choices") or [{}])[0]
     verdict = verdict_from_logprobs(*answer_probs(choice.get("logprobs")),
                                     self.cfg.logprob_threshold)
     return '"yes"' in result.content if verdict is None else verdict
 
-  async def _questions_vote(self, prompts: dict[int, str], n: int, seed: int) -> tuple[int, str]:
-    answers = await asyncio.gather(*(self._ask(p, retry_seed(seed, i))
+  async def _questions_vote(self, prompts: dict[int, str], n: int, seed: int,
+                            affinity: str) -> tuple[int, str]:
+    answers = await asyncio.gather(*(self._ask(p, retry_seed(seed, i), affinity)
                                      for i, p in prompts.items()))
     met = dict(zip(prompts, answers))
     yes = [i + 1 for i in range(n) if met.get(i, True)]
     return criteria_score([met.get(i, True) for i in range(n)]), f"questions met: {yes} of {n}"
 
-  async def _vote(self, prompt: str, schema: dict, seed: int) -> tuple[int, str]:
+  async def _vote(self, prompt: str, schema: dict, seed: int, affinity: str) -> tuple[int, str]:
     raw = await self.client.chat_json([{"role": "user", "content": prompt}], schema, role="judge",
-                                      seed=seed, **sampling_kwargs(self.cfg))
+                                      seed=seed, affinity=affinity, **sampling_kwargs(self.cfg))
     if self.cfg.mode == "blend":
       return (1 if all(raw["criteria_met"]) else 0), str(raw["reason"])
     score = criteria_score(raw["criteria_met"]) if self.cfg.score_rule == "criteria" else raw["score"]
@@ -354,13 +355,13 @@ class Judge:
         return Judgement(decided, describe(check), (decided,), parts)
     if self.cfg.mode == "questions":
       prompts = self.question_prompts(task, messages, n)
-      votes_at = lambda s: self._questions_vote(prompts, n, s)
+      votes_at = lambda s: self._questions_vote(prompts, n, s, task.task_id)
     else:
       blend = self.cfg.mode == "blend"
       criteria = [CONVERSATION[i] for i in range(n) if i in CONVERSATION] if blend else None
       prompt = self.prompt(task, messages, n, criteria)
       schema = judge_schema(n if criteria is None else len(criteria), self.cfg.max_reason_chars)
-      votes_at = lambda s: self._vote(prompt, schema, s)
+      votes_at = lambda s: self._vote(prompt, schema, s, task.task_id)
     results = await asyncio.gather(*(votes_at(retry_seed(seed, k))
                                      for k in range(self.cfg.num_votes)))
     votes = [s for s, _ in results]
