@@ -16,8 +16,15 @@ def get_config():
   c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
                      max_retries=3, max_concurrency=128)
-  for role in ("task", "user", "tools", "judge"):  # every simulator role thinks, 2048 tokens
-    c.world[role].update(max_tokens=2048, chat_template_kwargs={"enable_thinking": True})
+  # Every simulator role thinks. The reference sends no temperature, top_p or top_k, so vLLM
+  # applies Qwen3-8B's generation_config.json (0.6 / 0.95 / 20); here they are sent explicitly,
+  # so SGLang (which may not read that file) samples the same. Task generation gets 8192 tokens,
+  # the other roles 2048.
+  for role in ("task", "user", "tools", "judge"):
+    c.world[role].update(max_tokens=2048, temperature=0.6, top_p=0.95, top_k=20,
+                         chat_template_kwargs={"enable_thinking": True})
+  c.world.task.update(max_tokens=8192, frequency_penalty=0.0)
+  c.world.judge.frequency_penalty = 0.1
   c.world.task.update(hidden_facts=False, initial_state=False, expected_arguments=False)
   c.world.user.update(frequency_penalty=0.1)
   c.world.tools.update(schema_check=False, use_ledger=False, show_conversation=True,

@@ -333,11 +333,13 @@ def test_request_body_and_api_key():
       cfg = _config(srv.url, api_key="sekrit", model="qwen")
       async with SimulatorClient(cfg) as c:
         result = await c.chat(_messages(), tools=[tool], tool_choice="auto", temperature=0.7,
-                              max_tokens=64, chat_template_kwargs={"enable_thinking": False})
+                              top_k=20, max_tokens=64,
+                              chat_template_kwargs={"enable_thinking": False})
     request = srv.requests[0]
     assert request["headers"]["authorization"] == "Bearer sekrit"
     assert request["json"] == {"model": "qwen", "messages": _messages(), "tools": [tool],
-                               "tool_choice": "auto", "temperature": 0.7, "max_tokens": 64,
+                               "tool_choice": "auto", "temperature": 0.7, "top_k": 20,
+                               "max_tokens": 64,
                                "chat_template_kwargs": {"enable_thinking": False}}
     assert result.tool_calls == [{"id": "call_1", "type": "function",
                                   "function": {"name": "f", "arguments": '{"x": 1}'}}]

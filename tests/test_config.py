@@ -116,3 +116,15 @@ def test_the_8b_config_needs_a_hardware_variant():
     load("qwen3_8b")
   with pytest.raises(ValueError, match="gpu8"):
     load("qwen3_8b:h100")
+
+
+def test_paper_config_leaves_no_role_sampling_to_the_server():
+  """SGLang and vLLM fall back to different defaults (vLLM reads the model's generation config),
+  so the reference run names every role's sampling."""
+  cfg = load("trustee_paper")
+  for role in ("task", "user", "tools", "judge"):
+    unset = [k for k in role_sampling(1) if cfg.world[role][k] is None]
+    assert not unset, (role, unset)
+    assert (cfg.world[role].temperature, cfg.world[role].top_p, cfg.world[role].top_k) == (
+        0.6, 0.95, 20)
+  assert cfg.world.judge.frequency_penalty == 0.1 and cfg.world.task.max_tokens == 8192

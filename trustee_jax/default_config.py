@@ -14,7 +14,8 @@ def role_sampling(max_tokens: int, temperature: float | None = None) -> dict:
   can still be set on the command line (--config.world.user.temperature=0.7)."""
   return dict(max_tokens=max_tokens,
               temperature=placeholder(float) if temperature is None else temperature,
-              top_p=placeholder(float), frequency_penalty=placeholder(float),
+              top_p=placeholder(float), top_k=placeholder(int),
+              frequency_penalty=placeholder(float),
               chat_template_kwargs=placeholder(dict))
 
 

@@ -297,7 +297,7 @@ class SimulatorClient:
                  tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
                  response_format: dict[str, Any] | None = None,
                  temperature: float | None = None, top_p: float | None = None,
-                 max_tokens: int | None = None, seed: int | None = None,
+                 top_k: int | None = None, max_tokens: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, frequency_penalty: float | None = None,
                  n: int | None = None, logprobs: bool | None = None,
                  top_logprobs: int | None = None,
@@ -308,9 +308,10 @@ class SimulatorClient:
     cache keeps the conversation; retries move on to the next URL."""
     body: dict[str, Any] = {"model": self.config.model, "messages": messages}
     optional = dict(tools=tools, tool_choice=tool_choice, response_format=response_format,
-                    temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                    stop=stop, frequency_penalty=frequency_penalty, n=n, logprobs=logprobs,
-                    top_logprobs=top_logprobs, chat_template_kwargs=chat_template_kwargs)
+                    temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                    seed=seed, stop=stop, frequency_penalty=frequency_penalty, n=n,
+                    logprobs=logprobs, top_logprobs=top_logprobs,
+                    chat_template_kwargs=chat_template_kwargs)
     body.update({k: v for k, v in optional.items() if v is not None})
     self._counts[f"calls/{role}"] += 1
     urls = self.config.urls

@@ -261,11 +261,11 @@ class ScriptedClient:
     self.requests: list[ChatRequest] = []
 
   async def chat_json(self, messages, schema, *, role, temperature=None, top_p=None,
-                      max_tokens=None, seed=None, frequency_penalty=None,
+                      top_k=None, max_tokens=None, seed=None, frequency_penalty=None,
                       chat_template_kwargs=None, affinity=None) -> dict:
     jsonschema.Draft202012Validator.check_schema(schema)
     request = ChatRequest(messages, schema, role, dict(
-        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed,
         frequency_penalty=frequency_penalty, chat_template_kwargs=chat_template_kwargs,
         affinity=affinity))
     self.requests.append(request)

@@ -67,6 +67,7 @@ class JudgeConfig:
   top_p: float | None = None
   max_tokens: int | None = 512
   frequency_penalty: float | None = None
+  top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
   mode: str = "lm"  # lm | rule | blend | questions (see the module docstring)
   ordered: bool = False  # the rule check wants the expected calls in order

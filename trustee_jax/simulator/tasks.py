@@ -97,6 +97,7 @@ class TaskGenConfig:
   temperature: float | None = 1.0
   top_p: float | None = None
   frequency_penalty: float | None = None
+  top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
 
   def __post_init__(self):
@@ -107,8 +108,8 @@ class TaskGenConfig:
 
 def sampling_kwargs(cfg: Any) -> dict[str, Any]:
   """The chat_json sampling arguments a role config carries."""
-  return {k: getattr(cfg, k) for k in ("temperature", "top_p", "max_tokens", "frequency_penalty",
-                                       "chat_template_kwargs")}
+  return {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_tokens",
+                                       "frequency_penalty", "chat_template_kwargs")}
 
 
 def knobs_dict(knobs: Any) -> dict[str, int]:

@@ -37,6 +37,7 @@ class ToolSimConfig:
   top_p: float | None = None
   max_tokens: int | None = 512
   frequency_penalty: float | None = None
+  top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
 
 

@@ -22,6 +22,7 @@ class UserConfig:
   top_p: float | None = None
   max_tokens: int | None = 384
   frequency_penalty: float | None = None
+  top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
 
 
