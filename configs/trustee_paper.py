@@ -33,8 +33,10 @@ def get_config():
   c.world.tool_pool = "/data/toolbench_tools.json"  # TRUSTEE's pool, given its path
   c.world.lenient_pool = True  # its "credentials"/"select" parameter types are repaired
   c.curriculum.update(mode="level")  # reference multipliers, thresholds 0.5/0.0, step 3
+  # verl's token-mean over a micro-batch of one sequence a GPU, scaled by 1/accumulation, is a
+  # per-sequence token-mean averaged over the mini-batch's sequences: seq-mean-token-mean.
   c.grpo.update(single_survivor="reward", turn_mode="uniform", clip_low=0.2, clip_high=0.2,
-                dual_clip_c=3.0, kl_beta=0.001, kl_type="low_var_kl", agg="token-mean")
+                dual_clip_c=3.0, kl_beta=0.001, kl_type="low_var_kl", agg="seq-mean-token-mean")
   c.rollout.update(group_size=8, max_turn_tokens=16384, max_episode_tokens=24576,
                    temperature=1.0, top_p=1.0, max_parallel_calls=3)
   c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4)

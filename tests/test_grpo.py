@@ -2,6 +2,7 @@
 micro-batch invariance, chunked log-probs, and parity with verl's formulas transcribed in NumPy."""
 import collections
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from trustee_jax import grpo
+from trustee_jax import config_files, grpo
 
 ADV = jax.jit(grpo.group_advantages, static_argnums=(3, 4))
 LOSS = jax.jit(grpo.policy_loss, static_argnums=4)
@@ -177,6 +178,25 @@ def test_aggregation_modes(agg, expected):
   z = jnp.zeros((2, 3))
   loss, _ = LOSS(z, z, AGG_ADV, AGG_MASK, cfg)
   assert float(loss) == pytest.approx(expected)
+
+
+def test_seq_mean_token_mean_is_the_references_one_sequence_micro_batches():
+  """The reference run: verl's token-mean over micro-batches of one sequence (a GPU), each
+  scaled by 1/(micro-batches), summed; long episodes weigh no more than short ones."""
+  cfg = grpo.GRPOConfig(agg="seq-mean-token-mean", kl_beta=0.0)
+  lengths = (3, 1, 2)
+  mask = jnp.array([[1.0] * n + [0.0] * (3 - n) for n in lengths])
+  adv = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 7.0, 0.0]])
+  pg = -adv  # at ratio 1
+  verl = sum(float((pg[i] * mask[i]).sum() / mask[i].sum()) / 3 for i in range(3))
+  z = jnp.zeros((3, 3))
+  loss, _ = LOSS(z, z, adv, mask, cfg)
+  assert float(loss) == pytest.approx(verl) == -(6 / 3 + 4 + 12 / 2) / 3
+  token_mean, _ = LOSS(z, z, adv, mask, grpo.GRPOConfig(agg="token-mean", kl_beta=0.0))
+  assert float(token_mean) == pytest.approx(-22 / 6)  # the old paper setting: not the same
+  paper = config_files.get_config(str(pathlib.Path(__file__).parents[1] / "configs" /
+                                      "trustee_paper.py"))
+  assert paper.grpo.agg == "seq-mean-token-mean"
 
 
 def test_entropy_bonus_and_garbage_in_masked_positions():
