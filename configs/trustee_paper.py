@@ -39,7 +39,10 @@ def get_config():
                 dual_clip_c=3.0, kl_beta=0.001, kl_type="low_var_kl", agg="seq-mean-token-mean")
   c.rollout.update(group_size=8, max_turn_tokens=16384, max_episode_tokens=24576,
                    temperature=1.0, top_p=1.0, max_parallel_calls=3)
-  c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4)
+  # Old log-probs recomputed by the trainer before the first update, as verl's actor does (the
+  # sampler's, the default elsewhere, differ by the engine's numerics; the gap is logged).
+  c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,
+                 recompute_old_logprobs=True)
   c.train.optimizer.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
   c.checkpoint.update(every=10, keep=3)
   return c

@@ -169,6 +169,34 @@ def test_simulator_outage_drops_episodes_and_groups(chat, tokenizer):
   assert res.dropped_episodes["simulator_timeout"] == 4
 
 
+class FlakyUser:
+  """Fails the first user turn it is asked for (one episode lost), answers the rest."""
+
+  def __init__(self):
+    self.inner, self.calls = doubles.UserDouble(), 0
+
+  async def respond(self, task, messages, seed):
+    self.calls += 1
+    if self.calls == 1:
+      raise SimulatorError("http://127.0.0.1:1", "timeout", "simulated outage")
+    return await self.inner.respond(task, messages, seed)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("single_survivor,kept", [("zero", 0), ("reward", 1)])
+def test_lone_survivors_are_kept_only_where_they_train(chat, tokenizer, single_survivor, kept):
+  """grpo.single_survivor="reward" (the reference) trains a group's lone survivor on its
+  reward, so the trainer keeps such groups; "zero" would give it advantage 0: dropped."""
+  min_group = grpo.GRPOConfig(single_survivor=single_survivor).min_group_size
+  policy = ScriptedPolicy(tokenizer, ["Hello?"] * 8, chat.end_of_turn_id)
+  res = asyncio.run(rollout.run_rollouts(
+      [make_task()], engine=policy, chat=chat, tokenizer=tokenizer, world=Roles(user=FlakyUser()),
+      cfg=rollout.RolloutConfig(group_size=2), seed=0, step=1, max_concurrent=1,
+      min_group=min_group))
+  assert len(res.episodes) == kept and res.dropped_groups == 1 - kept
+  assert res.dropped_episodes["simulator_timeout"] == 1
+
+
 def test_prompt_longer_than_the_episode_budget_is_dropped_and_counted(chat, tokenizer):
   tasks = [make_task(seed=s) for s in range(2)]
   policy = ScriptedPolicy(tokenizer, ["Hello?"] * 8, chat.end_of_turn_id)

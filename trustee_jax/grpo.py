@@ -68,6 +68,12 @@ class GRPOConfig:
     """Builds from a mapping or ml_collections ConfigDict; unknown keys are an error."""
     return config_dataclass.from_config(cls, d, block="GRPO")
 
+  @property
+  def min_group_size(self) -> int:
+    """Episodes a group must keep to be trained on: 1 where a lone survivor trains on its
+    reward (the reference), else 2 (its advantage would be 0: dropped, counted, not computed)."""
+    return 1 if self.single_survivor == "reward" else 2
+
 
 def _group_moments(rewards, group_ids, valid, num_groups, bessel):
   """Per-member (count, mean, std, all-equal) of its group over valid members."""

@@ -255,7 +255,7 @@ class Trainer:
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
         cfg=self.rollout_cfg, seed=self.host_seed, step=step,
-        max_concurrent=self.cfg.rollout_concurrency)
+        max_concurrent=self.cfg.rollout_concurrency, min_group=self.grpo_cfg.min_group_size)
     times["time/rollout"] = time.perf_counter() - t0
     scalars: dict[str, float] = dict(times)
     rewards = np.asarray([e.reward for e in result.episodes], np.float32)
