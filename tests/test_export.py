@@ -15,7 +15,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from trustee_jax import curriculum as cur
-from trustee_jax import export, update
+from trustee_jax import export, lora, update
 from trustee_jax import policy as policy_lib
 from trustee_jax.chat import ChatFormat
 from trustee_jax.checkpoint import Checkpointer
@@ -43,25 +43,34 @@ def load_config(name: str):
   return module.get_config()
 
 
-def write_checkpoint(workdir: pathlib.Path, cfg, steps=(STEP,)):
-  """The Trainer's checkpoint layout and meta, params moved off their init so a restore that
-  silently re-initialised would be caught. Returns the saved (trained) model."""
-  model, _ = policy_lib.load_policy(cfg)
-  graphdef, params = nnx.split(model)
-  key = jax.random.key(1)
+def perturbed(params, scale: float = 0.05):
+  """Every leaf moved off its init (LoRA's B off zero), so a restore that silently
+  re-initialised would be caught."""
   leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  params = jax.tree_util.tree_unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def save_trainer_state(workdir: pathlib.Path, cfg, params, meta, steps=(STEP,)) -> None:
+  """The Trainer's checkpoint layout: trainable params, optimizer, curriculum, step; meta."""
   opt = update.build_optimizer(cfg.train.optimizer)
   state = {"params": params, "opt_state": opt.init(params),
            "curriculum": cur.init_state(cur.CurriculumConfig.from_dict(cfg.curriculum)),
            "step": jnp.asarray(STEP, jnp.int32)}
   ckpt = Checkpointer(workdir / "checkpoints", keep=3)
-  meta = {"model_config": policy_lib.model_meta(model), "config": cfg.to_json_best_effort()}
   for s in steps:
     ckpt.save(s, state, meta)
   ckpt.close()
+
+
+def write_checkpoint(workdir: pathlib.Path, cfg, steps=(STEP,)):
+  """A full fine-tune's checkpoint, params perturbed. Returns the saved (trained) model."""
+  model, _ = policy_lib.load_policy(cfg)
+  graphdef, params = nnx.split(model)
+  params = perturbed(params)
+  meta = {"model_config": policy_lib.model_meta(model), "config": cfg.to_json_best_effort()}
+  save_trainer_state(workdir, cfg, params, meta, steps)
   return nnx.merge(graphdef, params)
 
 
@@ -210,3 +219,115 @@ def test_launcher_exports(run, tmp_path):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads((out / "trustee_export.json").read_text())["step"] == 1
+
+
+# ---------------------------------------------------------------------------- PEFT adapter
+
+
+def write_lora_checkpoint(workdir: pathlib.Path, cfg) -> lora.LoraTransformer:
+  """A LoRA run's checkpoint as the Trainer writes it (policy.build's meta and trainable
+  adapters), A and B perturbed. Returns the saved adapted model."""
+  base, _ = policy_lib.load_policy(cfg)
+  policy, adapters = policy_lib.build(cfg, base, temperature=1.0, chunk_size=64,
+                                      with_reference=False)
+  adapters = perturbed(adapters, scale=0.2)
+  save_trainer_state(workdir, cfg, adapters, policy.meta)
+  return policy.model(adapters)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """A tiny Qwen2 (q/k/v biases) LoRA run on every target, exported as base, merged, adapter."""
+  workdir = tmp_path_factory.mktemp("lora_run")
+  cfg = load_config("test")
+  cfg.model.update(name="tiny-qwen2", tokenizer="qwen3")
+  cfg.lora = {"enabled": True, "rank": 4, "alpha": 8.0, "targets": lora.ALL_TARGETS}
+  model = write_lora_checkpoint(workdir, cfg)
+  base = export.export_base("tiny-qwen2", workdir / "base", tokenizer="qwen3", seed=cfg.seed)
+  return {"workdir": workdir, "model": model, "base": base,
+          "merged": export.export_hf(workdir, workdir / "merged"),
+          "adapter": export.export_adapter(workdir, workdir / "adapter", base_dir=base)}
+
+
+def test_peft_loads_the_adapter_onto_the_base_with_the_jax_and_merged_logits(lora_run):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  load = lambda path: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+      path, dtype=torch.float32).eval()
+  adapted = peft.PeftModel.from_pretrained(load(lora_run["base"]), lora_run["adapter"]).eval()
+  tokens = np.random.default_rng(0).integers(0, 151936, size=(2, 9))
+  with torch.no_grad():
+    theirs = adapted(torch.as_tensor(tokens)).logits.numpy()
+    merged = load(lora_run["merged"])(torch.as_tensor(tokens)).logits.numpy()
+    base = load(lora_run["base"])(torch.as_tensor(tokens)).logits.numpy()
+  positions = np.broadcast_to(np.arange(9), tokens.shape)
+  ours = np.asarray(lora_run["model"](jnp.asarray(tokens), positions)[0])
+  np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=2e-4)
+  np.testing.assert_allclose(theirs, merged, atol=2e-4, rtol=2e-4)
+  assert np.abs(theirs - base).max() > 1e-2  # the adapters change the model
+
+
+def safetensors_layout(path: pathlib.Path) -> tuple[dict, dict[str, list[int]]]:
+  """A safetensors file's metadata and its tensors' names and shapes."""
+  from safetensors import safe_open
+  with safe_open(path, "np") as f:
+    return f.metadata(), {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+
+def test_adapter_files_are_what_peft_writes(lora_run, tmp_path):
+  """Same tensor names, shapes and config values as peft's own save_pretrained of this LoRA."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  out = lora_run["adapter"]
+  ours = json.loads((out / "adapter_config.json").read_text())
+  assert ours["base_model_name_or_path"] == str(lora_run["base"].absolute())
+  base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["base"], dtype=torch.float32)
+  peft_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ours["target_modules"],
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+  peft.get_peft_model(base, peft_cfg).save_pretrained(tmp_path / "peft")
+  theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert set(ours["target_modules"]) == set(theirs["target_modules"]) == {
+      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  assert theirs["base_model_name_or_path"] == ours["base_model_name_or_path"]
+  fixed = set(ours) - {"target_modules"}
+  assert {k: ours[k] for k in fixed} == {k: theirs[k] for k in fixed}
+  assert (safetensors_layout(out / "adapter_model.safetensors")
+          == safetensors_layout(tmp_path / "peft" / "adapter_model.safetensors"))
+  record = json.loads((out / "trustee_export.json").read_text())
+  assert record["format"] == "adapter" and record["step"] == STEP
+  assert (out / "chat_template.jinja").read_text() == (lora_run["merged"]
+                                                        / "chat_template.jinja").read_text()
+
+
+def test_adapter_export_refuses_a_full_fine_tune_and_another_base(run, lora_run, tmp_path):
+  with pytest.raises(export.ExportError, match="full fine-tune"):
+    export.export_adapter(run["workdir"], tmp_path / "a")
+  with pytest.raises(export.ExportError, match="not the base the adapters were trained on"):
+    export.export_adapter(lora_run["workdir"], tmp_path / "b", base_dir=run["out"])
+  with pytest.raises(export.ExportError, match="config.json does not exist"):
+    export.export_adapter(lora_run["workdir"], tmp_path / "c", base_dir=tmp_path / "nowhere")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_peft_modules_cover_every_lora_target():
+  assert set(export.PEFT_MODULES) == set(lora.ALL_TARGETS)
+  config = export.peft_config(lora.LoraConfig(rank=8, alpha=12.0, targets=("wo", "wq")), "b")
+  assert config["target_modules"] == ["o_proj", "q_proj"]
+  assert config["lora_alpha"] / config["r"] == lora.LoraConfig(rank=8, alpha=12.0).scale
+  assert export.peft_config(lora.LoraConfig(rank=3, alpha=2.5), "b")["lora_alpha"] == 2.5
+
+
+@pytest.mark.slow
+def test_launcher_exports_both_formats_of_a_lora_run(lora_run, tmp_path):
+  out = tmp_path / "cli"
+  proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export_hf.py"),
+                         f"--workdir={lora_run['workdir']}", f"--out={out}", "--format=both",
+                         f"--base_dir={lora_run['base']}"],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (out / "merged" / "model.safetensors").is_file()
+  assert (out / "adapter" / "adapter_model.safetensors").is_file()
+  assert "--enable-lora --max-lora-rank 4" in proc.stdout

@@ -4,7 +4,9 @@ The model is rebuilt from the checkpoint alone: its `meta` holds the model shape
 Trainer wrote it) and the run config, so export needs neither the original weights nor
 the config file. Only the parameters are read (an Orbax partial restore), onto the CPU,
 then `weights.save_hf` writes config.json, safetensors, the tokenizer, the chat template
-the policy was trained with, and generation_config.json.
+the policy was trained with, and generation_config.json. A LoRA run can instead be written as
+a PEFT adapter (`export_adapter`: adapter_config.json + adapter_model.safetensors, as `peft`
+writes them), which vLLM and SGLang serve onto one base with `--enable-lora`.
 """
 import dataclasses
 import json
@@ -13,16 +15,19 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors.numpy import save_file
 
 from trustee_jax import lora
 from trustee_jax.chat import ChatFormat
 from trustee_jax.models import loading, weights
 from trustee_jax.models import tokenizer as tok_lib
 from trustee_jax.models.transformer import ModelConfig, RopeScaling, Transformer
-from trustee_jax.policy import load_policy, model_meta
+from trustee_jax.policy import config_meta, load_policy, model_meta
 
 
 class ExportError(ValueError):
@@ -118,8 +123,8 @@ def model_config_from_meta(meta_model: dict[str, Any], cfg: ml_collections.Confi
 
 
 def check_model_config(mcfg: ModelConfig, meta_model: dict[str, Any]) -> None:
-  """The rebuilt config must give back exactly the meta it was read from (policy.model_meta)."""
-  rebuilt = model_meta(type("M", (), {"cfg": mcfg})())
+  """The rebuilt config must give back exactly the meta it was read from (policy.config_meta)."""
+  rebuilt = config_meta(mcfg)
   diff = {k: (meta_model.get(k), rebuilt.get(k)) for k in set(meta_model) | set(rebuilt)
           if meta_model.get(k) != rebuilt.get(k)}
   if diff:
@@ -154,10 +159,10 @@ def restore_params(manager: ocp.CheckpointManager, step: int, mcfg: ModelConfig
       manager, step, abs_state, f"a {mcfg.architecture} model of this shape"))
 
 
-def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any],
-                        cfg: ml_collections.ConfigDict) -> Transformer:
+def restore_lora_model(manager: ocp.CheckpointManager, step: int, meta: dict[str, Any],
+                       cfg: ml_collections.ConfigDict) -> lora.LoraTransformer:
   """A LoRA run's policy: its base loaded as the run loaded it (`cfg.model.name`; the
-  checkpoint holds only the adapters), the saved adapters restored and merged into it."""
+  checkpoint holds only the adapters) with the saved adapters, not merged."""
   base_model, _ = load_policy(cfg)
   if model_meta(base_model) != meta["model_config"]:
     raise ExportError(f"the base model {cfg.model.name!r} is not the one the adapters of "
@@ -165,7 +170,7 @@ def restore_lora_policy(manager: ocp.CheckpointManager, step: int, meta: dict[st
   adapted = lora.add_lora(base_model, lora.LoraConfig.from_dict(meta["lora"]))
   graphdef, adapters, base = lora.split(adapted)
   saved = restore_saved_params(manager, step, adapters, f"adapters {meta['lora']}")
-  return lora.merge(nnx.merge(graphdef, saved, base))
+  return nnx.merge(graphdef, saved, base)
 
 
 def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
@@ -173,17 +178,25 @@ def tokenizer_source(cfg: ml_collections.ConfigDict) -> str:
   return loading.policy_tokenizer(str(cfg.model.name), cfg.model.get("tokenizer", ""))
 
 
-def restore_policy(workdir: str | pathlib.Path, step: int | None = None) -> RestoredPolicy:
-  """The policy of `workdir`'s checkpoint at `step` (default: the newest)."""
+def restore_policy(workdir: str | pathlib.Path, step: int | None = None, *,
+                   merge: bool = True) -> RestoredPolicy:
+  """The policy of `workdir`'s checkpoint at `step` (default: the newest); merge=False keeps a
+  LoRA run's adapters apart (a LoraTransformer) and refuses a full fine-tune."""
   manager = _manager(workdir)
   try:
     step = resolve_step(manager, step)
     meta = read_meta(manager, step)
+    if not merge and "lora" not in meta:
+      raise ExportError(f"{manager.directory}/{step} is a full fine-tune checkpoint (its meta "
+                        "has no 'lora'): it has no adapters to export; export it merged")
     cfg = run_config(meta)
     mcfg = model_config_from_meta(meta["model_config"], cfg)
     check_model_config(mcfg, meta["model_config"])
-    model = (restore_lora_policy(manager, step, meta, cfg) if "lora" in meta
-             else restore_params(manager, step, mcfg))
+    if "lora" in meta:
+      model = restore_lora_model(manager, step, meta, cfg)
+      model = lora.merge(model) if merge else model
+    else:
+      model = restore_params(manager, step, mcfg)
   finally:
     manager.close()
   return RestoredPolicy(model, tok_lib.load_tokenizer(tokenizer_source(cfg)), cfg, step)
@@ -271,3 +284,96 @@ def export_base(model: str, out_dir: str | pathlib.Path, *, tokenizer: str = "",
   net, tok = load_policy(cfg)
   record = {"workdir": None, "step": 0, "model": model, "tokenizer": tokenizer_source(cfg)}
   return _write(net, tok, cfg, out, dtype, record)
+
+
+# ---------------------------------------------------------------------------- PEFT adapter
+
+
+# Target -> the HF module it adapts (weights.save_hf's names, less "model.layers.N.").
+PEFT_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                "w_down": "mlp.down_proj"}
+
+
+def peft_tensors(model: lora.LoraTransformer, dtype: str | None = None
+                 ) -> dict[str, np.ndarray]:
+  """The adapters under PEFT's names, per layer lora_A [r, in] and lora_B [out, r]: HF's
+  [out, in] linears, so (alpha / r) * B @ A is the transpose of our scale * A @ B. Our head
+  dims flatten row-major, as weights.save_hf flattens W."""
+  lcfg, tensors = model.lora_cfg, {}
+  for name in lcfg.targets:
+    a = np.asarray(getattr(model.lora, f"{name}_a")[...])  # [L, in.., r]
+    b = np.asarray(getattr(model.lora, f"{name}_b")[...])  # [L, r, out..]
+    np_dtype = jnp.dtype(dtype or a.dtype)
+    for layer in range(a.shape[0]):
+      prefix = f"base_model.model.model.layers.{layer}.{PEFT_MODULES[name]}"
+      tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
+          a[layer].reshape(-1, lcfg.rank).T.astype(np_dtype))
+      tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
+          b[layer].reshape(lcfg.rank, -1).T.astype(np_dtype))
+  return tensors
+
+
+def peft_config(lcfg: lora.LoraConfig, base_model: str) -> dict[str, Any]:
+  """adapter_config.json as peft's LoraConfig.save_pretrained writes it (the fields that
+  differ from peft's defaults, and the ones vLLM and SGLang read): plain LoRA, scale alpha/r."""
+  alpha = float(lcfg.alpha)
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+          "r": lcfg.rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+          "target_modules": sorted(PEFT_MODULES[t].rsplit(".", 1)[1] for t in lcfg.targets),
+          "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+          "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+          "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+          "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+
+
+def checked_base_dir(base_dir: str | pathlib.Path, model: Transformer) -> str:
+  """The absolute path of an HF base directory (e.g. export_base's), after checking that its
+  config.json is the shape the adapters were trained on."""
+  path = pathlib.Path(base_dir).absolute()
+  config = path / "config.json"
+  if not config.is_file():
+    raise ExportError(f"{config} does not exist: the base must be an HF directory "
+                      "(export it with --base_model NAME --out DIR)")
+  try:
+    shape = config_meta(weights.config_from_hf(json.loads(config.read_text()), source=str(config)))
+  except (ValueError, KeyError) as e:
+    raise ExportError(f"{config} is not a base this project can adapt: {e}") from e
+  want = config_meta(model.cfg)
+  diff = {k: (shape.get(k), want.get(k)) for k in set(shape) | set(want)
+          if shape.get(k) != want.get(k)}
+  if diff:
+    raise ExportError(f"{config} is not the base the adapters were trained on: {diff} "
+                      "(base, adapters)")
+  return str(path)
+
+
+def default_base_name(cfg: ml_collections.ConfigDict) -> str:
+  """The run's `model.name`: absolute when it is a directory (an HF base), else as named."""
+  name = pathlib.Path(str(cfg.model.name))
+  return str(name.absolute()) if name.is_dir() else str(cfg.model.name)
+
+
+def export_adapter(workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
+                   step: int | None = None, *, base_dir: str | pathlib.Path | None = None,
+                   dtype: str | None = None) -> pathlib.Path:
+  """Writes the LoRA adapters of `workdir` (checkpoint `step`, default newest) to `out_dir` as
+  peft does (adapter_config.json, adapter_model.safetensors), with the tokenizer and its
+  training chat template and trustee_export.json. base_dir: the base's HF directory, recorded
+  as base_model_name_or_path (default: the run's model name). A full fine-tune is refused."""
+  out = _fresh_out(out_dir)
+  policy = restore_policy(workdir, step, merge=False)
+  base = (checked_base_dir(base_dir, policy.model) if base_dir is not None
+          else default_base_name(policy.config))
+  out.mkdir(parents=True, exist_ok=True)
+  save_file(peft_tensors(policy.model, dtype), str(out / "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  config = peft_config(policy.model.lora_cfg, base)
+  (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  policy.tokenizer.hf.chat_template = training_chat_template(ChatFormat(policy.tokenizer))
+  policy.tokenizer.save_pretrained(out)
+  record = {"workdir": str(pathlib.Path(workdir).absolute()), "step": policy.step,
+            "model": str(policy.config.model.get("name")),
+            "tokenizer": tokenizer_source(policy.config), "format": "adapter", "base": base}
+  (out / "trustee_export.json").write_text(json.dumps(record, indent=2) + "\n")
+  return out

@@ -32,11 +32,16 @@ def load_policy(cfg, mesh=None) -> tuple[Any, Tokenizer]:
       rules=sharding.rules_from_config(cfg.get("mesh", {}).get("rules", {})))
 
 
-def model_meta(model) -> dict[str, Any]:
-  """The model's shape as a checkpoint records it (export rebuilds the model from it)."""
+def config_meta(mcfg) -> dict[str, Any]:
+  """A ModelConfig's shape as a checkpoint records it (export rebuilds the model from it)."""
   return {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
-          for k, v in dataclasses.asdict(model.cfg).items()
-          if k not in ("dtype", "remat_policy", "name")}
+          for k, v in dataclasses.asdict(mcfg).items()
+          if k not in ("dtype", "remat_policy", "attention_impl", "name")}
+
+
+def model_meta(model) -> dict[str, Any]:
+  """The model's shape as a checkpoint records it."""
+  return config_meta(model.cfg)
 
 
 def lora_config(cfg) -> lora.LoraConfig | None:
