@@ -241,6 +241,104 @@ def test_run_logged_reports_failures_and_timeouts(tmp_path):
                         timeout_s=0.5)
 
 
+# ---------------------------------------------------------------------------- failed runs
+# A fake benchmark "venv" whose bin/ scripts write what a real run would leave behind and then
+# exit with a chosen code (or hang past the timeout), run through the real run_logged.
+
+_SUMMARY = {"categories": {"simple_python": {"accuracy": 0.5, "correct_count": 1,
+                                              "total_count": 2}}, "missing": ["live_simple"]}
+
+
+def _fake_venv(tmp_path, monkeypatch, name: str, body: str) -> None:
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  script = venv / "bin" / name
+  script.write_text("#!/bin/sh\n" + body)
+  script.chmod(0o755)
+  monkeypatch.setattr(venv_lib, "ensure_venv", lambda *a, **k: venv)
+
+
+_BFCL_BODY = """for a in "$@"; do case "$a" in --summary=*) S="${a#--summary=}";; esac; done
+echo "generating"
+[ -n "$FAKE_SUMMARY" ] && printf '%s' "$FAKE_SUMMARY" > "$S"
+echo "Traceback: boom in live_simple"
+[ -n "$FAKE_SLEEP" ] && sleep "$FAKE_SLEEP"
+exit "$FAKE_RC"
+"""
+
+
+@pytest.mark.parametrize("rc, summary, sleep, status, exit_code, partial", [
+    (0, True, "", "ok", None, False),
+    (3, True, "", "failed", 3, True),
+    (0, True, "30", "failed", None, True),  # killed at the timeout after writing a summary
+    (3, False, "", "failed", 3, False),
+], ids=["ok", "exit-3-with-summary", "timeout-with-summary", "exit-3-no-summary"])
+def test_bfcl_failed_runs_are_recorded_as_failed(tmp_path, monkeypatch, rc, summary, sleep,
+                                                 status, exit_code, partial):
+  _fake_venv(tmp_path, monkeypatch, "python", _BFCL_BODY)
+  monkeypatch.setenv("FAKE_RC", str(rc))
+  monkeypatch.setenv("FAKE_SLEEP", sleep)
+  monkeypatch.setenv("FAKE_SUMMARY", json.dumps(_SUMMARY) if summary else "")
+  ep = common.Endpoint("http://127.0.0.1:1", "m")
+  settings = bfcl.BFCLSettings(categories=("simple_python", "live_simple"),
+                               handler="gpt-4o-2024-11-20-FC", timeout_s=2)
+  fn = lambda: bfcl.run(ep, settings, tmp_path / "out", log=lambda *_: None)
+  if status == "ok":
+    common.evaluate(tmp_path, "bfcl", ep, fn, step=7, log=lambda *_: None)
+  else:
+    with pytest.raises(common.EvalError, match="bfcl run failed") as e:
+      common.evaluate(tmp_path, "bfcl", ep, fn, step=7, log=lambda *_: None)
+    assert ("partial scores kept" in str(e.value)) == partial
+  on_disk = json.loads(common.result_path(tmp_path, "bfcl", "step_7").read_text())
+  assert (on_disk["status"], on_disk["partial"]) == (status, partial)
+  assert on_disk["scores"] == ({"simple_python": 0.5, "mean/non_live": 0.5, "mean/all": 0.5}
+                               if summary else {})
+  if status == "ok":
+    assert on_disk["failure"] is None and (tmp_path / "tb").is_dir()
+    return
+  failure = on_disk["failure"]
+  assert (failure["exit_code"], failure["timed_out"]) == (exit_code, exit_code is None)
+  assert "boom in live_simple" in failure["log_tail"] and failure["log"].endswith("bfcl.log")
+  assert not (tmp_path / "tb").exists()  # a failed run's scores never reach TensorBoard
+  [result] = common.load_results(tmp_path, "bfcl")
+  header = common.comparison_table([result]).splitlines()[0]
+  assert header.split(None, 1)[1].strip() == (f"step_7 (failed{', partial' if partial else ''})")
+
+
+def test_a_failed_venv_build_is_not_a_failed_run(tmp_path, monkeypatch):
+  def broken_pip(*a, **k):
+    raise common.CommandFailed("pip install exited with 1", exit_code=1, log="install.log",
+                               log_tail="No matching distribution")
+  monkeypatch.setattr(venv_lib, "ensure_venv", broken_pip)
+  ep = common.Endpoint("http://127.0.0.1:1", "m")
+  settings = bfcl.BFCLSettings(handler="gpt-4o-2024-11-20-FC")
+  with pytest.raises(common.CommandFailed, match="pip install"):
+    common.evaluate(tmp_path, "bfcl", ep, lambda: bfcl.run(ep, settings, tmp_path / "out"),
+                    step=7, log=lambda *_: None)
+  assert not common.result_path(tmp_path, "bfcl", "step_7").exists()
+
+
+_TAU2_BODY = """while [ $# -gt 0 ]; do case "$1" in --domain) D="$2";; --results-dir) R="$2";; esac; shift; done
+if [ "$D" = airline ]; then echo "airline: litellm APIConnectionError"; exit 2; fi
+printf '%s' '{"metrics": {"avg_reward": 1.0, "pass_at_k": {"1": 1.0}}}' > "$R/${D}_results.json"
+"""
+
+
+def test_tau2_a_failed_domain_fails_the_run_keeping_the_others_as_partial(tmp_path, monkeypatch):
+  _fake_venv(tmp_path, monkeypatch, "tau2", _TAU2_BODY)
+  ep = common.Endpoint("http://127.0.0.1:1", "m")
+  settings = tau2.Tau2Settings(domains=("mock", "airline"), timeout_s=10)
+  with pytest.raises(common.EvalError, match=r"failed on \['airline'\]"):
+    common.evaluate(tmp_path, "tau2", ep, lambda: tau2.run(ep, ep, settings, tmp_path / "out",
+                                                           log=lambda *_: None),
+                    step=1, log=lambda *_: None)
+  on_disk = json.loads(common.result_path(tmp_path, "tau2", "step_1").read_text())
+  assert (on_disk["status"], on_disk["partial"]) == ("failed", True)
+  assert on_disk["scores"] == {"mock/pass_hat_1": 1.0, "mock/avg_reward": 1.0}
+  assert on_disk["failure"]["exit_code"] == 2
+  assert "APIConnectionError" in on_disk["failure"]["log_tail"]
+
+
 # ---------------------------------------------------------------------------- the launcher
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from trustee_jax.eval import venv as venv_lib
-from trustee_jax.eval.common import Endpoint, EvalError
+from trustee_jax.eval.common import CommandFailed, Endpoint, EvalError, RunFailed
 
 BFCL_VERSION = "2026.3.23"
 # torch pinned so pip takes the CPU build this machine has (and no CUDA wheels elsewhere);
@@ -137,7 +137,8 @@ def scores_of(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]
 def run(endpoint: Endpoint, settings: BFCLSettings, out_dir: pathlib.Path, *,
         venv_root: pathlib.Path | None = None, log=print) -> tuple[dict[str, float], dict]:
   """Builds the venv if needed, runs BFCL into out_dir (its result/ and score/ trees, the
-  log), and returns (scores, details)."""
+  log), and returns (scores, details). A runner that exits non-zero or times out raises
+  RunFailed carrying whatever its summary scored (common.evaluate records it as failed)."""
   settings.check()
   venv = venv_lib.ensure_venv(SPEC, venv_root, log=log)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,11 +153,25 @@ def run(endpoint: Endpoint, settings: BFCLSettings, out_dir: pathlib.Path, *,
     venv_lib.run_logged(command(venv_lib.bin_path(venv, "python"), settings, out_dir,
                                 summary_path), run_log, env=environment(endpoint),
                         cwd=out_dir, timeout_s=settings.timeout_s)
-  except EvalError:
-    if not summary_path.is_file():
-      raise
-  summary = json.loads(summary_path.read_text())
-  scores, details = scores_of(summary)
+  except CommandFailed as e:
+    raise RunFailed(str(e), e.record(), *partial_scores(summary_path)) from e
+  scores, details = scores_of(read_summary(summary_path))
   details.update(seconds=round(time.monotonic() - t0, 1), log=str(run_log),
                  python=sys.version.split()[0])
   return scores, details
+
+
+def read_summary(path: pathlib.Path) -> dict[str, Any]:
+  """The runner's summary.json, or an EvalError naming the file."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise EvalError(f"BFCL runner left no readable summary {path}: {e}") from e
+
+
+def partial_scores(path: pathlib.Path) -> tuple[dict[str, float], dict[str, Any]]:
+  """What a failed run scored before it stopped (empty when it left no usable summary)."""
+  try:
+    return scores_of(read_summary(path))
+  except EvalError:
+    return {}, {}

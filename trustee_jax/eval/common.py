@@ -22,6 +22,29 @@ class EvalError(RuntimeError):
   """An evaluation that cannot run or finish: names the endpoint, file or command and why."""
 
 
+class CommandFailed(EvalError):
+  """A command that exited non-zero (exit_code) or was killed at its timeout (exit_code None)."""
+
+  def __init__(self, message: str, *, exit_code: int | None, log: str, log_tail: str):
+    super().__init__(message)
+    self.exit_code, self.log, self.log_tail = exit_code, log, log_tail
+
+  def record(self) -> dict[str, Any]:
+    """What a results file keeps of the failure."""
+    return {"exit_code": self.exit_code, "timed_out": self.exit_code is None, "log": self.log,
+            "log_tail": self.log_tail, "message": str(self)}
+
+
+class RunFailed(EvalError):
+  """A benchmark run whose command failed, with what it scored before failing (maybe nothing):
+  `evaluate` records it as failed, never as finished."""
+
+  def __init__(self, message: str, failure: dict[str, Any], scores: dict[str, float],
+               details: dict[str, Any]):
+    super().__init__(message)
+    self.failure, self.scores, self.details = failure, dict(scores), dict(details)
+
+
 # ---------------------------------------------------------------------------- endpoint
 
 
@@ -77,8 +100,13 @@ class EvalResult:
   details: dict[str, Any] = dataclasses.field(default_factory=dict)
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
   seconds: float = 0.0
+  status: str = "ok"  # "failed": the command exited non-zero or timed out (see `failure`)
+  partial: bool = False  # the scores cover only what a failed run finished
+  failure: dict[str, Any] | None = None  # CommandFailed.record() of the failed command
 
   def __post_init__(self):
+    if self.status not in ("ok", "failed"):
+      raise EvalError(f"{self.benchmark} status {self.status!r} is not 'ok' or 'failed'")
     for k, v in self.scores.items():
       if not isinstance(v, (int, float)) or not math.isfinite(v):
         raise EvalError(f"{self.benchmark} score {k!r} is {v!r}, not a finite number")
@@ -150,10 +178,11 @@ def log_scalars(workdir, result: EvalResult) -> pathlib.Path:
 
 def comparison_table(results: list[EvalResult]) -> str:
   """Metrics down, runs across (base first), and the last run minus the first when there are two
-  or more; scores as percentages. A run without a metric shows '-'."""
+  or more; scores as percentages. A run without a metric shows '-'; a failed run is labelled so."""
   if not results:
     return "(no results)"
-  labels = [r.label for r in results]
+  labels = [r.label + (" (failed, partial)" if r.partial else " (failed)")
+            if r.status == "failed" else r.label for r in results]
   metrics = sorted({m for r in results for m in r.scores})
   header = ["metric"] + labels + (["delta"] if len(results) > 1 else [])
   rows = []
@@ -175,17 +204,30 @@ def evaluate(workdir, benchmark: str, endpoint: Endpoint, run_fn, *, step: int |
              label: str | None = None, settings: dict[str, Any] | None = None,
              log=print) -> tuple[EvalResult, pathlib.Path]:
   """Runs `run_fn() -> (scores, details)`, then writes the results JSON and, when the step is
-  known, the TensorBoard scalars at that step. Returns the result and its file."""
+  known, the TensorBoard scalars at that step. Returns the result and its file.
+
+  A run whose command failed (RunFailed) is written as status "failed" with its exit code
+  and log tail, its partial scores kept and marked partial, no TensorBoard scalars, and then
+  raised again: a failed run is never scored as a finished one."""
   if step is None and not label:
     raise EvalError("the model's step is unknown: pass --step (the checkpoint served; 0 for "
                     "the base model) or a --label")
   t0 = time.monotonic()
-  scores, details = run_fn()
+  failure = None
+  try:
+    scores, details = run_fn()
+  except RunFailed as e:
+    failure, scores, details = e, e.scores, e.details
   result = EvalResult(benchmark=benchmark, label=run_label(step, label), step=step,
                       endpoint=endpoint.url, model=endpoint.model, scores=dict(scores),
                       details=details, settings=dict(settings or {}),
-                      seconds=round(time.monotonic() - t0, 1))
+                      seconds=round(time.monotonic() - t0, 1),
+                      status="failed" if failure else "ok", partial=bool(failure and scores),
+                      failure=failure.failure if failure else None)
   path = write_result(workdir, result)
+  if failure:
+    kept = f"partial scores kept in {path}" if scores else f"failure recorded in {path}"
+    raise EvalError(f"{benchmark} run failed ({kept}): {failure}") from failure
   log(f"{benchmark} results: {path}")
   if step is not None:
     log(f"TensorBoard scalars eval/{benchmark}/* at step {step}: {log_scalars(workdir, result)}")

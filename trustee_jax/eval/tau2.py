@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from trustee_jax.eval import venv as venv_lib
-from trustee_jax.eval.common import Endpoint, EvalError
+from trustee_jax.eval.common import CommandFailed, Endpoint, EvalError, RunFailed
 
 TAU2_VERSION = "26.3"
 # litellm pinned to the range the issue names (the releases after it are not to be used).
@@ -137,11 +137,14 @@ def run(agent: Endpoint, user: Endpoint, settings: Tau2Settings, out_dir: pathli
                           env=environment(agent, user), cwd=out_dir, timeout_s=settings.timeout_s)
       per_domain[domain] = read_domain(out_dir, save_to)
     except EvalError as e:
-      failures[domain] = str(e)
+      failures[domain] = e
       log(f"τ²-bench {domain} failed: {e}")
-  if not per_domain:
-    raise EvalError(f"τ²-bench: every domain failed: {failures}")
-  details = {"per_domain": per_domain, "failed_domains": failures,
+  details = {"per_domain": per_domain, "failed_domains": {d: str(e) for d, e in failures.items()},
              "seconds": round(time.monotonic() - t0, 1), "tau2_version": TAU2_VERSION,
              "user_endpoint": user.url, "user_model": user.model}
+  if failures:  # a failed domain fails the run; the others' scores are kept as partial
+    last = list(failures.values())[-1]
+    record = last.record() if isinstance(last, CommandFailed) else {"message": str(last)}
+    raise RunFailed(f"τ²-bench failed on {sorted(failures)}: {last}", record,
+                    scores_of(per_domain), details)
   return scores_of(per_domain), details

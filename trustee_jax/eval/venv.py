@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
-from trustee_jax.eval.common import EvalError
+from trustee_jax.eval.common import CommandFailed
 
 _READY = "trustee_ready.json"
 
@@ -84,14 +84,16 @@ def run_logged(cmd: Sequence[str], log: pathlib.Path, *, env: dict[str, str] | N
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
-      raise EvalError(f"{cmd[0]} ran past {timeout_s:.0f} s and was killed; see {log}") from None
+      raise CommandFailed(f"{cmd[0]} ran past {timeout_s:.0f} s and was killed; last lines of "
+                          f"{log}:\n" + tail(log), exit_code=None, log=str(log),
+                          log_tail=tail(log)) from None
     except BaseException:
       os.killpg(proc.pid, signal.SIGKILL)
       proc.wait()
       raise
   if rc != 0:
-    raise EvalError(f"{' '.join(map(str, cmd[:4]))} ... exited with {rc}; last lines of {log}:\n"
-                    + tail(log))
+    raise CommandFailed(f"{' '.join(map(str, cmd[:4]))} ... exited with {rc}; last lines of "
+                        f"{log}:\n" + tail(log), exit_code=rc, log=str(log), log_tail=tail(log))
 
 
 def tail(path: pathlib.Path, lines: int = 25) -> str:

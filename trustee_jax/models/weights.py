@@ -274,6 +274,27 @@ def _open_safetensors(path: pathlib.Path, stack: contextlib.ExitStack) -> _Tenso
   return _Tensors(shapes, files, read)
 
 
+def _check_config_matches(cfg: ModelConfig, tensors: _Tensors, source: str) -> None:
+  """config.json's sizes against the tensors' shapes, so a mismatch names the config key."""
+  layer = re.compile(r"model\.layers\.(\d+)\.")
+  layers = {int(m.group(1)) for n in tensors.shapes if (m := layer.match(n))}
+  if layers and max(layers) + 1 != cfg.num_layers:
+    raise WeightsError(f"{source}: num_hidden_layers={cfg.num_layers} does not match the "
+                       f"checkpoint, which has layers 0..{max(layers)}")
+  specs = _specs(cfg)
+  for key, value, ours, axis in (
+      ("vocab_size", cfg.vocab_size, "embed", 0), ("hidden_size", cfg.hidden_size, "embed", 1),
+      ("intermediate_size", cfg.intermediate_size, "w_up", 0),
+      ("num_attention_heads*head_dim", cfg.num_heads * cfg.head_dim, "wq", 0),
+      ("num_key_value_heads*head_dim", cfg.num_kv_heads * cfg.head_dim, "wk", 0)):
+    name, want = specs[ours].hf.format(0), specs[ours].hf_shape
+    shape = tensors.shapes.get(name)
+    if shape is not None and len(shape) == len(want) and shape[axis] != want[axis]:
+      raise WeightsError(f"{source}: {key}={value} does not match the checkpoint: "
+                         f"{tensors.files[name]}: tensor {name!r} has shape {tuple(shape)}, "
+                         f"expected {want}")
+
+
 def load_hf(path, *, mesh=None, param_dtype: str | None = None, dtype: str | None = None,
             rules=shd.LOGICAL_RULES) -> Transformer:
   """A Transformer from an HF directory (config.json + safetensors), sharded over `mesh`.
@@ -290,7 +311,9 @@ def load_hf(path, *, mesh=None, param_dtype: str | None = None, dtype: str | Non
   param_dtype = param_dtype or cfg.param_dtype
   cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
   with contextlib.ExitStack() as stack:
-    return _build(cfg, _open_safetensors(path, stack), mesh, rules)
+    tensors = _open_safetensors(path, stack)
+    _check_config_matches(cfg, tensors, str(config_file))
+    return _build(cfg, tensors, mesh, rules)
 
 
 # ---------------------------------------------------------------------------- HF out
