@@ -292,3 +292,18 @@ def test_padding_is_never_written_to_the_cache(tiny_llama):
   k = np.asarray(cache.k)
   assert np.all(k[:, 0, 2:] == 0) and np.all(k[:, 0, :2] != 0)
   assert np.all(k[:, 1, 5:] == 0) and np.all(k[:, 1, :5] != 0)
+
+
+def test_xla_attention_matches_transformers_on_a_left_padded_batch(hf_qwen3):
+  """models/attention.py's jax.nn.dot_product_attention path against PyTorch, with padding."""
+  hf, model = hf_qwen3
+  lengths, width = np.array([SEQ // 2, SEQ // 4]), SEQ // 2
+  positions = np.asarray(left_padded_positions(lengths, width))
+  tokens = np.where(positions >= 0, _tokens(2, width, seed=4), 0)
+  with torch.no_grad():
+    ref = hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(positions >= 0),
+             position_ids=torch.as_tensor(np.maximum(positions, 0))).logits.numpy()
+  xla = _mutated(model, attention_impl="xla")
+  out = np.asarray(_forward(xla, jnp.asarray(tokens), jnp.asarray(positions)))
+  valid = positions >= 0
+  assert rel_diff(out[valid], ref[valid]) <= TOL

@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
       mode="env", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300))
   c.model = ml_collections.ConfigDict(dict(
       name="smollm2", tokenizer="smollm2", dtype="float32", param_dtype="float32",
-      remat_policy="full"))  # recompute each layer in the backward: activations of one layer
+      remat_policy="full",  # recompute each layer in the backward: activations of one layer
+      attention_impl="einsum"))  # einsum | xla | cudnn | splash | auto (models/attention.py)
   # unstack_layers: decode reads a per-layer copy of the weights (faster, one more copy).
   c.engine = ml_collections.ConfigDict(dict(num_slots=16, cache_len=2048, decode_chunk=8,
                                             unstack_layers=True))

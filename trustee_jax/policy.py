@@ -28,7 +28,7 @@ def load_policy(cfg, mesh=None) -> tuple[Any, Tokenizer]:
   tokenizer = loading.policy_tokenizer(m.name, m.get("tokenizer", ""))
   return loading.load_model_and_tokenizer(
       m.name, tokenizer, mesh=mesh, param_dtype=m.get("param_dtype"), dtype=m.get("dtype"),
-      seed=cfg.seed, remat_policy=m.get("remat_policy"),
+      seed=cfg.seed, remat_policy=m.get("remat_policy"), attention_impl=m.get("attention_impl"),
       rules=sharding.rules_from_config(cfg.get("mesh", {}).get("rules", {})))
 
 

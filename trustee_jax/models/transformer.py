@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trustee_jax import sharding as shd
+from trustee_jax.models import attention as attn_lib
 
 Array = jax.Array
 
@@ -50,6 +51,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
+  attention_impl: str = "einsum"  # attention.IMPLEMENTATIONS: einsum | xla | cudnn | splash | auto
+
+  def __post_init__(self):
+    attn_lib.check_implementation(self.attention_impl)
 
   @property
   def architecture(self) -> str:
@@ -156,19 +161,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Grouped-query attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
-  b, t, h, d = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(d)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
-
-
 class Transformer(nnx.Module):
   """Decoder-only LM. `__call__(tokens, positions, cache)` -> (logits, cache).
 
@@ -273,16 +265,13 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
     x = self._constrain(x, ("batch", "length", "act_embed"))
     inv_freq = rope_inv_freq(cfg)
-    valid_q = positions >= 0
     if cache is None:
-      mask = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
+      mask = attn_lib.self_attention_mask(positions)
     else:
       attend_len = attend_len or cache.length
-      key_pos = jnp.arange(attend_len)[None, None, :]
-      mask = key_pos <= positions[:, :, None]
-      write_pos = jnp.where(valid_q, positions, cache.length)  # padding is dropped
+      mask = attn_lib.cache_attention_mask(positions, attend_len)
+      write_pos = jnp.where(positions >= 0, positions, cache.length)  # padding is dropped
       rows = jnp.arange(tokens.shape[0]) if cache_rows is None else cache_rows
-    mask = mask & valid_q[:, :, None]
 
     def block(carry, lp):
       x, layer, ck, cv = carry
@@ -311,7 +300,8 @@ class Transformer(nnx.Module):
         if cache_rows is not None:
           k, v = jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)
         k, v = k.astype(cdt), v.astype(cdt)
-      attn = attention(q, k, v, mask)
+      attn = attn_lib.attention(q, k, v, mask, implementation=cfg.attention_impl,
+                                self_positions=positions if cache is None else None)
       x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
       if "w_gate_up" in lp:
