@@ -26,8 +26,9 @@ import sys
 from typing import Any
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-_SCENARIOS = {"bare": {}, "all_options": {"DP_SIZE": "2", "API_KEY": "sk-check"}}
-_CLEARED = ("MODEL", "PORT", "MEM_FRACTION", "DP_SIZE", "API_KEY")
+_SCENARIOS = {"bare": {}, "all_options": {"DP_SIZE": "2", "API_KEY": "sk-check",
+                                          "YARN_FACTOR": "4"}}
+_CLEARED = ("MODEL", "PORT", "MEM_FRACTION", "DP_SIZE", "API_KEY", "YARN_FACTOR")
 
 
 class CheckError(Exception):

@@ -9,7 +9,9 @@
 #                                              (launch/check_sglang_flags.py parses them)
 #
 # Environment: MODEL (Qwen/Qwen3-8B), PORT (30000), MEM_FRACTION (0.85), DP_SIZE (unset: one
-# replica; N: N data-parallel replicas on N GPUs), API_KEY (unset: no key), VENV (.venv-sglang).
+# replica; N: N data-parallel replicas on N GPUs), API_KEY (unset: no key), VENV (.venv-sglang),
+# YARN_FACTOR (unset: Qwen3's native 32,768-token context; 4: the reference's long-context
+# serving, 131,072 tokens by YaRN rope scaling over the native 32,768).
 # Flags checked against sglang==0.5.23. The server is ready when GET /health answers 200;
 # point the simulator client at http://127.0.0.1:$PORT.
 set -euo pipefail
@@ -27,6 +29,15 @@ args=(
 )
 if [[ -n "${DP_SIZE:-}" ]]; then args+=(--dp-size "${DP_SIZE}"); fi
 if [[ -n "${API_KEY:-}" ]]; then args+=(--api-key "${API_KEY}"); fi
+if [[ -n "${YARN_FACTOR:-}" ]]; then
+  if ! [[ "${YARN_FACTOR}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "serve_sglang.sh: YARN_FACTOR must be a whole number (4 for the reference), got '${YARN_FACTOR}'" >&2
+    exit 1
+  fi
+  args+=(--json-model-override-args
+         "{\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":${YARN_FACTOR}.0,\"original_max_position_embeddings\":32768}}"
+         --context-length "$((32768 * YARN_FACTOR))")
+fi
 
 case "${1:-}" in
   --print-args)

@@ -32,7 +32,7 @@ _DEPS = ("numpy", "orjson", "psutil", "pybase64", "requests", "torch==2.13.0", "
 _NO_NETWORK = ("NewConnectionError", "Failed to establish a new connection",
                "Temporary failure in name resolution", "Network is unreachable",
                "ConnectTimeoutError", "ProxyError", "Name or service not known")
-_ENV_KEYS = ("MODEL", "PORT", "MEM_FRACTION", "DP_SIZE", "API_KEY")
+_ENV_KEYS = ("MODEL", "PORT", "MEM_FRACTION", "DP_SIZE", "API_KEY", "YARN_FACTOR")
 
 
 def _print_args(*extra, **env):
@@ -63,6 +63,16 @@ def test_print_args_options_and_extras():
       "/models/q", "31000", "0.7")
   assert pairs["--dp-size"] == "2" and pairs["--log-level"] == "info"
   assert pairs["--api-key"] == "REDACTED" and "sk-secret" not in argv
+
+
+def test_yarn_long_context_is_the_references():
+  pairs = _pairs(_print_args(YARN_FACTOR="4"))
+  assert json.loads(pairs["--json-model-override-args"]) == {"rope_scaling": {
+      "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+  assert pairs["--context-length"] == "131072"
+  bad = subprocess.run(["bash", str(_SCRIPT), "--print-args"], env={"YARN_FACTOR": "four",
+                       "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+  assert bad.returncode == 1 and "YARN_FACTOR" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
@@ -117,7 +127,10 @@ def test_sglang_accepts_the_scripts_flags(sglang_python):
               "reasoning_parser": "qwen3", "tool_call_parser": "qwen25",
               "grammar_backend": "llguidance", "mem_fraction_static": 0.85}
   assert report["bare"]["parsed"] == expected
-  assert report["all_options"]["parsed"] == {**expected, "dp_size": 2, "api_key": "REDACTED"}
+  yarn = '{"rope_scaling":{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}}'
+  assert report["all_options"]["parsed"] == {**expected, "dp_size": 2, "api_key": "REDACTED",
+                                             "json_model_override_args": yarn,
+                                             "context_length": 131072}
 
 
 @pytest.mark.slow
