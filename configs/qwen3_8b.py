@@ -37,8 +37,8 @@ def on_hardware(name: str, memory_gib: float, key: str, mesh_shape: tuple[int, .
   """The reference run (f32 master weights, bf16 compute) on a machine, full fine-tune."""
   paper = config_files.load_module(pathlib.Path(__file__).with_name("trustee_paper.py"))
   c = paper.get_config()
-  c.hardware = ml_collections.ConfigDict(dict(
-      name=name, memory_gib=memory_gib, tpu_topology=tpu_topology, key=key))
+  c.hardware.update(name=name, memory_gib=memory_gib, tpu_topology=tpu_topology, key=key,
+                    platform="tpu" if key == "tpu" else "gpu")
   c.mesh.shape = tuple(mesh_shape)
   c.model.update(arch="qwen3-8b", remat_policy="full")
   c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=0, alpha=0.0, targets=(),

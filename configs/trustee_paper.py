@@ -5,6 +5,7 @@ from trustee_jax.default_config import default_config
 
 def get_config():
   c = default_config()
+  c.hardware.update(name="NVIDIA GPUs", platform="gpu")  # a CPU backend only with allow_cpu
   # A local Hugging Face directory of Qwen3-8B (nothing is downloaded at run time).
   # f32 master weights, bf16 compute. AdamW at lr 1e-6 on bf16 weights would round most updates
   # away: bf16 keeps 8 significant bits, so a step under ~0.2% of a weight is lost, and Adam's

@@ -33,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
   # below; none set = one process) or auto (Cloud TPU, SLURM, ...). -1 / "": unset.
   c.distributed = ml_collections.ConfigDict(dict(
       mode="env", coordinator_address="", num_processes=-1, process_id=-1, timeout_s=300))
+  # The machine a config is written for (configs/qwen3_8b.py names it). platform gpu | tpu: the
+  # trainer refuses any other JAX backend (runtime.check_backend), CPU only with allow_cpu.
+  c.hardware = ml_collections.ConfigDict(dict(name="", platform="", allow_cpu=False))
   c.model = ml_collections.ConfigDict(dict(
       name="smollm2", tokenizer="smollm2", dtype="float32", param_dtype="float32",
       remat_policy="full",  # recompute each layer in the backward: activations of one layer

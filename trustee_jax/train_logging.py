@@ -1,18 +1,52 @@
-"""What a run writes for people: TensorBoard scalars (tensorboardX) and readable episodes."""
+"""What a run writes for people: TensorBoard scalars (tensorboardX) and readable episodes, in a
+local or remote (gs://, through etils.epath) workdir, and its one log line a step."""
 import dataclasses
+import io
 import json
-import pathlib
-from typing import Any
+import logging
+import os
+from collections.abc import Mapping
+from typing import TextIO
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
 
-from trustee_jax import grpo
+from trustee_jax import grpo, runtime
 
 
 def _mean(xs) -> float:
   return float(np.mean(xs)) if len(xs) else 0.0
+
+
+class _RemoteEventFile:
+  """A TensorBoard event file at a URI, written whole from memory at each flush (object stores
+  have no append), through etils.epath: the same filesystem (gcsfs) as the rest of the run."""
+
+  def __init__(self, path: str):
+    self.path = epath.Path(path)
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteEventFiles:
+  """tensorboardX's writer factory for a URI scheme (it looks them up by prefix)."""
+
+  def open(self, path: str) -> _RemoteEventFile:
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 class RunLogger:
@@ -22,10 +56,13 @@ class RunLogger:
   after the checkpoint, written by the killed run, are purged rather than doubled.
   """
 
-  def __init__(self, workdir: pathlib.Path, purge_step: int | None = None):
-    self.workdir = pathlib.Path(workdir)
+  def __init__(self, workdir: str | os.PathLike, purge_step: int | None = None):
+    self.workdir = runtime.run_path(workdir)
     (self.workdir / "episodes").mkdir(parents=True, exist_ok=True)
-    self.writer = SummaryWriter(str(self.workdir / "tb"), purge_step=purge_step)
+    if runtime.is_uri(self.workdir):
+      record_writer.register_writer_factory(os.fspath(self.workdir).partition(":")[0],
+                                            _RemoteEventFiles())
+    self.writer = SummaryWriter(os.fspath(self.workdir / "tb"), purge_step=purge_step)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     for k, v in values.items():
@@ -96,16 +133,17 @@ class RunLogger:
     self.writer.close()
 
 
-def scalar_series(tb_dir: str | pathlib.Path, tags) -> dict[str, dict[int, float]]:
-  """step -> value of each of `tags` that was written (read back with tensorboard's reader)."""
+def scalar_series(tb_dir: str | os.PathLike, tags) -> dict[str, dict[int, float]]:
+  """step -> value of each of `tags` that was written (read back with tensorboard's reader,
+  which reads URIs through fsspec)."""
   from tensorboard.backend.event_processing import event_accumulator
-  acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+  acc = event_accumulator.EventAccumulator(os.fspath(tb_dir), size_guidance={"scalars": 0})
   acc.Reload()
   have = set(acc.Tags()["scalars"])
   return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags if t in have}
 
 
-def scalar_steps(tb_dir: str | pathlib.Path, tag: str) -> list[int]:
+def scalar_steps(tb_dir: str | os.PathLike, tag: str) -> list[int]:
   """Steps at which `tag` was written."""
   return sorted(scalar_series(tb_dir, [tag]).get(tag, {}))
 
@@ -116,7 +154,7 @@ SUMMARY_COLUMNS = (("reward/mean", "reward"), ("reward/success_rate", "success")
                    ("train/nonzero_advantage_frac", "A != 0"), ("curriculum/level", "level"))
 
 
-def step_table(tb_dir: str | pathlib.Path) -> str:
+def step_table(tb_dir: str | os.PathLike) -> str:
   """One line per step for the terminal: reward, success, share of episodes with a valid tool
   call, share of groups whose rewards differ (so GRPO has a signal), non-zero advantages, level."""
   series = scalar_series(tb_dir, [t for t, _ in SUMMARY_COLUMNS])
@@ -130,3 +168,44 @@ def step_table(tb_dir: str | pathlib.Path) -> str:
       cells.append(f"{v:16.3f}" if v is not None else f"{'-':>16s}")
     lines.append(f"  {step:4d} " + " ".join(cells))
   return "\n".join(lines)
+
+
+def step_line(step: int, total_steps: int, scalars: Mapping[str, float],
+              memory: Mapping[str, float] | None) -> str:
+  """The terminal's line for a step: reward, success, level, sampled tokens a second of
+  rollout, the time split (tasks, rollout, update) and device memory where it is known."""
+  def num(key: str) -> float:
+    return float(scalars.get(key, float("nan")))
+  sampled = num("episodes/count") * num("episodes/response_tokens")
+  rollout_s = num("time/rollout")
+  parts = [f"step {step}/{total_steps}", f"reward {num('reward/mean'):.3f}",
+           f"success {num('reward/success_rate'):.3f}", f"level {num('curriculum/level'):.1f}",
+           f"tok/s {sampled / rollout_s if rollout_s > 0 else float('nan'):.0f}"]
+  if "val/success_rate" in scalars:
+    parts.append(f"val success {num('val/success_rate'):.3f}")
+  times = " ".join(f"{k.partition('/')[2]} {v:.1f}s" for k, v in scalars.items()
+                   if k.startswith("time/"))
+  parts.append(f"time {times}" if times else "time -")
+  if memory is not None:
+    parts.append(f"mem {memory['in_use']:.1f}/{memory['limit']:.1f} GiB "
+                 f"(peak {memory['peak']:.1f})")
+  return " | ".join(parts)
+
+
+def show_progress_bar(enabled: bool, is_primary: bool, stream: TextIO) -> bool:
+  """The tqdm bar only where a person watches it: the primary process, a terminal's stderr
+  (a log file or a CI pipe would fill with carriage-return redraws)."""
+  return enabled and is_primary and stream.isatty()
+
+
+class OwnInfoOnly(logging.Filter):
+  """Lets through warnings and worse from anyone, INFO and below only from files under `roots`
+  (this project): orbax, jax, absl and httpx log a line per call at INFO."""
+
+  def __init__(self, roots: tuple[str | os.PathLike, ...]):
+    super().__init__()
+    self.roots = tuple(os.path.join(os.path.abspath(r), "") for r in roots)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or \
+        os.path.abspath(record.pathname).startswith(self.roots)
