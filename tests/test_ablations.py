@@ -124,7 +124,8 @@ def test_each_ablation_config_changes_only_its_keys(name):
   rollout.RolloutConfig.from_dict(cfg.rollout)
   world.check_ablations(cfg)
   if name.startswith("pin_"):
-    assert cur.pinned == (name[4:],)
+    dims = dict(ablations.DIMENSIONS)
+    assert cur.pinned == dims.get(name[4:], (name[4:],))
 
 
 def test_unknown_ablation_config_names_the_choices():
@@ -142,15 +143,16 @@ def knobs_at(cfg_name, rewards):
   return state, curriculum.knobs(cur, state, jax.random.key(0), 64)
 
 
-def test_curriculum_ablations_hold_their_level():
+def test_curriculum_ablations_move_the_level_as_the_references():
   state, _ = knobs_at("hard_curriculum", [[1.0] * 8, [-1.0] * 8])
-  assert int(state.level) == 100
-  state, kn = knobs_at("no_curriculum", [[1.0] * 8] * 3)
-  assert int(state.level) == 1
-  spread = [len(np.unique(np.asarray(getattr(kn, a)))) for a in curriculum.ASPECTS]
-  assert min(spread) > 1  # every aspect drawn over its range, not at level 1's value
+  assert int(state.level) == 100  # pinned
+  state, _ = knobs_at("no_curriculum", [[1.0] * 8, [-1.0] * 8])
+  assert int(state.level) == 97  # starts at the top; the update rule is the reference's
   _, kn = knobs_at("soft_off", [])
   assert not np.asarray(kn.soft).any()
+  _, paper_kn = knobs_at("soft_off", [])
+  _, tool_kn = knobs_at("pin_tool", [])
+  assert int(np.asarray(tool_kn.num_tools).min()) > int(np.asarray(paper_kn.num_tools).max())
 
 
 def test_ablations_refuse_worlds_that_would_ignore_them():
