@@ -45,6 +45,9 @@ def get_config():
   c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,
                  recompute_old_logprobs=True)
   c.train.optimizer.update(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
-  c.checkpoint.update(every=10, keep=3)
+  # Validation as the reference's (trainer.test_freq=200, val_kwargs n=4 at 0.6 / 0.95 / 20, 16
+  # tasks), plus one before training as the baseline; checkpoints every 50 steps (save_freq=50).
+  c.validation.update(every=200, num_tasks=16, samples=4, temperature=0.6, top_p=0.95, top_k=20)
+  c.checkpoint.update(every=50, keep=3)
   return c
 
