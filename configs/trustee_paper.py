@@ -38,8 +38,12 @@ def get_config():
   # per-sequence token-mean averaged over the mini-batch's sequences: seq-mean-token-mean.
   c.grpo.update(single_survivor="reward", turn_mode="uniform", clip_low=0.2, clip_high=0.2,
                 dual_clip_c=3.0, kl_beta=0.001, kl_type="low_var_kl", agg="seq-mean-token-mean")
+  # The policy thinks (Qwen3's default; its detailed and medium system prompts ask for a <think>
+  # block), and the simulators see its reasoning (the reference's strip_thinking=false).
   c.rollout.update(group_size=8, max_turn_tokens=16384, max_episode_tokens=24576,
-                   temperature=1.0, top_p=1.0, max_parallel_calls=3)
+                   temperature=1.0, top_p=1.0, max_parallel_calls=3, enable_thinking=True,
+                   show_reasoning=True)
+  c.world.task.thinking_prompt = True
   # Old log-probs recomputed by the trainer before the first update, as verl's actor does (the
   # sampler's, the default elsewhere, differ by the engine's numerics; the gap is logged).
   c.train.update(steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,

@@ -84,9 +84,9 @@ class Recording:
     self.seen["user"] = task
     return await self._user.respond(task, messages, seed)
 
-  async def execute(self, task, ledger, calls, seed) -> list[ToolResult]:
+  async def execute(self, task, ledger, calls, seed, messages=None) -> list[ToolResult]:
     self.seen["tools"] = task
-    return await self._tools.execute(task, ledger, calls, seed)
+    return await self._tools.execute(task, ledger, calls, seed, messages)
 
   async def score(self, task, messages, num_criteria, seed):
     self.seen["judge"] = task

@@ -228,3 +228,84 @@ def test_engine_rollouts_arrays_match_sampled_ids_and_are_reproducible(chat, tok
     assert batch.loss_mask[i, n - 1:].sum() == 0 and batch.positions[i, n:].max() == -1
     sampled = batch.tokens[i, 1:][batch.loss_mask[i] > 0]  # the mask is aligned with targets
     assert sampled.tolist() == e.tokens[e.loss_mask > 0].tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+  tok = load_tokenizer("qwen3")
+  return tok, ChatFormat(tok)
+
+
+class RecordingUser:
+  """The user double, keeping the conversations it was shown."""
+
+  def __init__(self):
+    self.inner, self.seen = doubles.UserDouble(), []
+
+  async def respond(self, task, messages, seed):
+    self.seen.append(messages)
+    return await self.inner.respond(task, messages, seed)
+
+
+def thinking_episode(qwen3, turns, **cfg):
+  tok, chat = qwen3
+  task = make_task()
+  policy = ScriptedPolicy(tok, [t.format(call=right_call(task)) for t in turns],
+                          chat.end_of_turn_id)
+  user = RecordingUser()
+  ep = asyncio.run(rollout.run_episode(
+      task, 0, 0, engine=policy, chat=chat, tokenizer=tok, world=Roles(user=user),
+      cfg=rollout.RolloutConfig(group_size=1, enable_thinking=True, **cfg), seed=1))
+  return ep, policy, user
+
+
+THOUGHT = ["<think>\nThe user wants music: call play_music.\n</think>\n\n{call}",
+           "<think>\nIt is playing.\n</think>\n\nDone, it is playing.", "Done.", "Done."]
+
+
+def test_thinking_turns_are_trained_and_kept_exactly_as_sampled(qwen3):
+  """Token in, token out: each turn's <think> block enters the sequence as sampled (mask 1) and
+  stays in every later turn's context, where re-rendering with Qwen3's template would drop the
+  reasoning of turns before the last user message. The prompt opens the turn without Qwen3's
+  empty think block."""
+  tok, chat = qwen3
+  ep, policy, _ = thinking_episode(qwen3, THOUGHT)
+  eot = chat.end_of_turn_id
+  sampled = [tok.encode(t.format(call=right_call(make_task()))) + [eot]
+             for t in THOUGHT[:len(policy.calls)]]
+  assert ep.tokens[ep.loss_mask == 1].tolist() == [i for s in sampled for i in s]
+  first_prompt = policy.calls[0][0]
+  assert tok.decode(first_prompt).endswith("<|im_start|>assistant\n")
+  assert policy.calls[1][0][:len(first_prompt) + len(sampled[0])] == first_prompt + sampled[0]
+  think = tok.token_id("<think>")
+  assert ep.tokens.tolist().count(think) == len(sampled) and ep.num_turns_without_thinking == 0
+  assert "play_music" in ep.messages[2]["reasoning_content"]
+
+
+def test_turns_without_thinking_are_counted(qwen3):
+  ep, _, _ = thinking_episode(qwen3, ["{call}", "<think>\nok\n</think>\n\nDone.", "Done.", "Done."])
+  assert ep.num_turns_without_thinking == 1
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_the_simulators_see_the_reasoning_only_when_told(qwen3, show):
+  ep, _, user = thinking_episode(qwen3, THOUGHT, show_reasoning=show)
+  shown = [m for conv in user.seen for m in conv if m.get("reasoning_content")]
+  assert bool(shown) == show
+  assert any(m.get("reasoning_content") for m in ep.messages)  # the episode log keeps it
+
+
+def test_the_tool_simulator_is_shown_the_conversation(chat, tokenizer):
+  """The paper config's tool simulator sees the whole conversation (show_conversation), so the
+  rollout hands it the messages, ending with the turn that made the call."""
+  from trustee_jax.simulator import tools as tools_lib
+  client = doubles.ScriptedClient(lambda req: {"notes": "", "result": "playing", "reward": 1})
+  task = make_task()
+  sim = tools_lib.ToolSimulator(client, {"show_conversation": True})
+  policy = ScriptedPolicy(tokenizer, [right_call(task), "Done.", "Done.", "Done."],
+                          chat.end_of_turn_id)
+  asyncio.run(rollout.run_episode(task, 0, 0, engine=policy, chat=chat, tokenizer=tokenizer,
+                                  world=Roles(tools=sim),
+                                  cfg=rollout.RolloutConfig(group_size=1), seed=1))
+  (request,) = client.requests
+  assert task.first_user_query in request.prompt and "play_music" in request.prompt

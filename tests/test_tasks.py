@@ -335,3 +335,12 @@ def test_a_reply_that_never_validates_is_a_failed_attempt_but_an_outage_propagat
   with pytest.raises(SimulatorError, match="connect"):
     asyncio.run(tl.TaskGenerator(ScriptedClient(down), {"max_attempts": 2}).generate(
         Knobs(), TOOLS, "Shop", seed=5))
+
+
+def test_thinking_prompt_asks_for_a_think_block_at_the_detailed_levels():
+  """A thinking policy's detailed and medium system prompts ask for <think> (the reference's);
+  the brief and bare ones do not, and without thinking_prompt none does."""
+  from trustee_jax.simulator import system_prompts
+  for level, asks in ((0, True), (1, True), (2, False), (3, False)):
+    assert ("<think>" in system_prompts.system_prompt(level, thinking=True)) == asks, level
+    assert "<think>" not in system_prompts.system_prompt(level)

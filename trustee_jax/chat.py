@@ -110,7 +110,7 @@ _ROLES = ("system", "user", "assistant", "tool")
 # Stands in for the last assistant turn when locating where the template's text after it begins.
 _SENTINEL = "\u27e6trustee-turn-boundary\u27e7"
 _PROBE = [{"role": "user", "content": "ping"}]
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -422,15 +422,15 @@ def _schema_problem(schema: Any) -> str | None:
 
 def _split_reasoning(text: str) -> tuple[str | None, str]:
   """(reasoning, the rest); a lone </think> means the prompt opened the block."""
-  open_at, close_at = text.find(_THINK_OPEN), text.find(_THINK_CLOSE)
+  open_at, close_at = text.find(THINK_OPEN), text.find(THINK_CLOSE)
   if close_at == -1:
     if open_at == -1:
       return None, text
-    return text[open_at + len(_THINK_OPEN):].strip(), text[:open_at]
+    return text[open_at + len(THINK_OPEN):].strip(), text[:open_at]
   if open_at != -1 and open_at < close_at:
-    reasoning = text[open_at + len(_THINK_OPEN):close_at].strip()
-    return reasoning, text[:open_at] + text[close_at + len(_THINK_CLOSE):]
-  return text[:close_at].strip(), text[close_at + len(_THINK_CLOSE):]
+    reasoning = text[open_at + len(THINK_OPEN):close_at].strip()
+    return reasoning, text[:open_at] + text[close_at + len(THINK_CLOSE):]
+  return text[:close_at].strip(), text[close_at + len(THINK_CLOSE):]
 
 
 def _parse_call(body: str, call_id: str) -> ToolCall | str:

@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.world.lenient_pool = False
   c.world.task = ml_collections.ConfigDict(dict(
       hidden_facts=True, initial_state=True, expected_arguments=True, max_attempts=3,
+      thinking_prompt=False,
       **role_sampling(max_tokens=1024, temperature=1.0)))
   # A short batch of tasks is refilled at an easier level; an outage is waited out (world.py).
   c.world.task_refill = ml_collections.ConfigDict(dict(
@@ -77,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_turn_tokens=512, max_episode_tokens=4096, temperature=1.0, top_p=1.0,
       top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0,
-      accept_untagged_calls=False, ablate=()))  # ablate: rollout.ABLATIONS, configs/ablations.py
+      accept_untagged_calls=False, show_reasoning=False,
+      ablate=()))  # ablate: rollout.ABLATIONS, configs/ablations.py
 
   c.train = ml_collections.ConfigDict(dict(
       steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,

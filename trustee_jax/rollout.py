@@ -34,7 +34,10 @@ class RolloutConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
-  enable_thinking: bool = False
+  enable_thinking: bool = False  # the policy reasons in <think> (Qwen3); turns without counted
+  # Whether the user, tool and judge simulators see the policy's reasoning (the reference's
+  # strip_thinking=false shows it); the episode log keeps it either way.
+  show_reasoning: bool = False
   max_parallel_calls: int = 3
   invalid_call_penalty: float = 0.0  # format term per malformed or invalid tool call
   # Accept a bare or fenced {"name", "arguments"} object naming an offered tool as a call (small
@@ -83,10 +86,12 @@ class UserRole(Protocol):
 
 
 class ToolRole(Protocol):
-  """The simulated tools: one result per call, in order."""
+  """The simulated tools: one result per call, in order; `messages` is the conversation so far,
+  ending with the turn that made the calls."""
 
   async def execute(self, task: Task, ledger: ToolLedger, calls: list[chat_lib.ToolCall],
-                    seed: int) -> list[ToolResult]: ...
+                    seed: int, messages: list[dict[str, Any]] | None = None
+                    ) -> list[ToolResult]: ...
 
 
 class JudgeRole(Protocol):
@@ -155,6 +160,7 @@ class Episode:
   num_valid_calls: int = 0  # calls that fit an offered tool's schema
   num_untagged_calls: int = 0  # calls accepted without <tool_call> tags (accept_untagged_calls)
   num_near_misses: int = 0  # call-shaped JSON without tags that was not taken as a call
+  num_turns_without_thinking: int = 0  # with enable_thinking: turns with no closed <think> block
   termination: str = ""  # user_ended | budget_turns | budget_tokens | error
   error: str | None = None
 
@@ -165,6 +171,11 @@ class RolloutResult:
   dropped_episodes: collections.Counter  # by cause
   dropped_groups: int
   sim_stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def hide_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The conversation without the policy's reasoning, as the simulators see it by default."""
+  return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
 
 
 def _assistant_message(parsed, raw_text: str) -> dict[str, Any]:
@@ -218,6 +229,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
         f"room for a turn within rollout.max_episode_tokens={cfg.max_episode_tokens}")
   user_task, tool_task, judge_task = (role_task(task, r, cfg.ablate)
                                        for r in ("user", "tools", "judge"))
+  seen = (lambda ms: list(ms)) if cfg.show_reasoning else hide_reasoning  # noqa: E731
   ledger = ToolLedger.for_task(task)
   offered = {chat_lib.normalize_tools([t])[0]["function"].get("name") for t in tools}
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
@@ -243,6 +255,8 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
     parsed = chat_lib.parse_output(
         text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls,
         untagged_tools=offered if cfg.accept_untagged_calls else None)
+    if cfg.enable_thinking and chat_lib.THINK_CLOSE not in text:
+      ep.num_turns_without_thinking += 1
     accepted_untagged = len(parsed.tool_calls) if parsed.untagged else 0
     ep.num_untagged_calls += accepted_untagged
     ep.num_near_misses += parsed.untagged - accepted_untagged
@@ -260,7 +274,8 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       ep.num_valid_calls += valid
       ep.num_tool_calls += len(calls)
       if calls:
-        results = await world.tools.execute(tool_task, ledger, calls, derive_seed(seed, turn, 1))
+        results = await world.tools.execute(tool_task, ledger, calls, derive_seed(seed, turn, 1),
+                                            seen(messages))
         for call, res in zip(calls, results):
           new_msgs.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
                            "content": res.content})
@@ -275,7 +290,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       if user_turns >= knobs["max_user_turns"]:
         ep.termination = "budget_turns"
         break
-      reply = await world.user.respond(user_task, messages, derive_seed(seed, turn, 2))
+      reply = await world.user.respond(user_task, seen(messages), derive_seed(seed, turn, 2))
       seq.set_turn_reward(span, float(reply.reward))
       user_turns += 1
       if reply.ended:
@@ -290,7 +305,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       ep.termination = "budget_tokens"
       break
     seq.add(cont)
-  judgement = await world.judge.score(judge_task, messages, knobs["num_criteria"],
+  judgement = await world.judge.score(judge_task, seen(messages), knobs["num_criteria"],
                                       derive_seed(seed, 0, 3))
   ep.tokens = np.asarray(seq.tokens, np.int32)
   ep.loss_mask = np.asarray(seq.mask, np.int32)

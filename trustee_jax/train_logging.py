@@ -85,6 +85,7 @@ class RunLogger:
            "episodes/with_valid_tool_call": _mean([e.num_valid_calls > 0 for e in eps]),
            "episodes/untagged_tool_calls": _mean([e.num_untagged_calls for e in eps]),
            "episodes/near_miss_tool_calls": _mean([e.num_near_misses for e in eps]),
+           "episodes/turns_without_thinking": _mean([e.num_turns_without_thinking for e in eps]),
            "episodes/dropped_groups": float(result.dropped_groups),
            "episodes/dropped": float(sum(result.dropped_episodes.values()))}
     checks = [e.judge_check for e in eps if e.judge_check]
@@ -118,6 +119,7 @@ class RunLogger:
              "termination": e.termination, "tool_calls": e.num_tool_calls,
              "invalid_tool_calls": e.num_invalid_calls,
              "untagged_tool_calls": e.num_untagged_calls, "near_misses": e.num_near_misses,
+             "turns_without_thinking": e.num_turns_without_thinking,
              "turn_rewards": sorted(set(float(r) for r in e.turn_rewards[e.loss_mask > 0]))}
       lines.append(json.dumps(rec, default=str))
     path.write_text("\n".join(lines) + ("\n" if lines else ""))

@@ -108,7 +108,8 @@ def render_data(tag: str, rows: list[Any]) -> str:
 
 
 def trajectory_rows(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One row per message but system ones: turn, role, content, tool calls or the tool's name."""
+  """One row per message but system ones: turn, role, content (and the policy's reasoning where
+  the messages carry it), tool calls or the tool's name."""
   names: dict[str, str] = {}
   rows = []
   turn = 0
@@ -118,6 +119,8 @@ def trajectory_rows(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
       continue
     turn += 1
     obj: dict[str, Any] = {"turn": turn, "role": role, "content": _text(m.get("content"))}
+    if role == "assistant" and m.get("reasoning_content"):  # shown only when the rollout keeps it
+      obj["reasoning"] = _text(m["reasoning_content"])
     if role == "assistant" and m.get("tool_calls"):
       calls = []
       for c in m["tool_calls"]:

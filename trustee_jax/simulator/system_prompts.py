@@ -20,9 +20,12 @@ def load_template(name: str) -> jinja2.Template:
   return env.get_template(name)
 
 
-def system_prompt(level: int, tools: list[dict[str, Any]] | None = None) -> str:
-  """The policy's system prompt at `level` (0 detailed .. 3 bare)."""
+def system_prompt(level: int, tools: list[dict[str, Any]] | None = None, *,
+                  thinking: bool = False) -> str:
+  """The policy's system prompt at `level` (0 detailed .. 3 bare); with `thinking`, the detailed
+  and medium ones ask for a <think> block before each action (the reference's, for Qwen3)."""
   if not 0 <= level < NUM_LEVELS:
     raise ValueError(f"system prompt level must be in [0, {NUM_LEVELS - 1}], got {level}")
   names = [t.get("function", t)["name"] for t in tools or []]
-  return load_template("system_prompt.jinja").render(level=level, tool_names=names).strip()
+  return load_template("system_prompt.jinja").render(level=level, tool_names=names,
+                                                     thinking=thinking).strip()

@@ -85,6 +85,7 @@ class TaskGenConfig:
   # An expected value that nobody states: "reject" the task, or add it to the hidden facts the
   # user gives when asked ("facts": small generators pick sensible values but forget to say them).
   unsaid_values: str = "reject"
+  thinking_prompt: bool = False  # the policy's system prompt asks for <think> (a thinking policy)
   max_tokens: int | None = 1024
   chars_per_token: float = 3.0
   max_intent_chars: int = 600
@@ -329,7 +330,8 @@ def sample_requests(pool: tools_pool.Pool, knobs_list: Sequence[Any], rng: np.ra
 
 
 def make_task(raw: Mapping[str, Any], *, category: str, tools: list[dict[str, Any]],
-              knobs: dict[str, int], seed: int, oracle: dict[str, Any] | None = None) -> Task:
+              knobs: dict[str, int], seed: int, oracle: dict[str, Any] | None = None,
+              thinking: bool = False) -> Task:
   """A Task from validated generator output (with `expected_tool_calls`, `expected_calls` or
   both; names come from the calls when absent); the id is stable in the seed and the content."""
   digest = hashlib.sha1(json.dumps([category, raw], sort_keys=True).encode()).hexdigest()[:10]
@@ -341,7 +343,8 @@ def make_task(raw: Mapping[str, Any], *, category: str, tools: list[dict[str, An
       expected_tool_calls=list(names), user_intent=raw["user_intent"].strip(),
       user_persona=raw["user_persona"].strip(), first_user_query=raw["first_user_query"].strip(),
       hidden_facts=list(raw.get("hidden_facts", [])), initial_state=list(raw.get("initial_state", [])),
-      knobs=dict(knobs), system_prompt=system_prompts.system_prompt(knobs["system_prompt_level"], tools),
+      knobs=dict(knobs), system_prompt=system_prompts.system_prompt(
+          knobs["system_prompt_level"], tools, thinking=thinking),
       oracle=dict(oracle or {}), expected_calls=calls)
 
 
@@ -424,7 +427,8 @@ class TaskGenerator:
           "values nobody gives" in p for p in problems):
         raw, problems = with_unsaid_values_as_facts(raw, tools), []
       if not problems:
-        return make_task(raw, category=category, tools=tools, knobs=kn, seed=seed)
+        return make_task(raw, category=category, tools=tools, knobs=kn, seed=seed,
+                         thinking=self.cfg.thinking_prompt)
       failures.append(f"attempt {attempt + 1} (seed {s}): {'; '.join(problems)}")
     raise TaskGenerationError(f"no valid task for seed {seed} in category {category!r} after "
                               f"{self.cfg.max_attempts} attempts:\n  " + "\n  ".join(failures))
