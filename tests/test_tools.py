@@ -163,3 +163,19 @@ def test_prompt_and_schema():
   assert req.schema["x-guidance"] == {"whitespace_flexible": False}
   with pytest.raises(ValueError, match="no messages"):
     asyncio.run(sim.execute(TASK, tl.ToolLedger(), [call], seed=5))
+
+
+@pytest.mark.parametrize("schema_check", [True, False])
+def test_the_lm_gets_the_argument_checklist_only_when_it_is_the_only_check(schema_check):
+  """With schema_check off (the reference), nothing validates a call before the LM, so its
+  prompt tells it to check required arguments and types, as the reference's tool prompt does."""
+  client = ScriptedClient([{"notes": "", "result": "Error: missing required argument order_id",
+                            "reward": -1}])
+  sim = tl.ToolSimulator(client, {"schema_check": schema_check, "use_ledger": False})
+  asyncio.run(sim.execute(TASK, tl.ToolLedger(), [ToolCall("get_order", {})], seed=0))
+  prompts = [r.prompt for r in client.requests]
+  if schema_check:
+    assert prompts == []  # refused before the LM: no required order_id
+  else:
+    (prompt,) = prompts
+    assert "missing required argument" in prompt and "declared type" in prompt

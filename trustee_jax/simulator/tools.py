@@ -25,7 +25,8 @@ TRUNCATE_SIDES = ("head", "tail", "middle")
 
 @dataclasses.dataclass(frozen=True)
 class ToolSimConfig:
-  schema_check: bool = True  # reference: only "does the tool exist" before the LM
+  # reference: only "does the tool exist" before the LM, whose prompt then carries the checklist
+  schema_check: bool = True
   use_ledger: bool = True  # reference: no ledger; parallel calls answered independently
   show_conversation: bool = False  # reference: the LM sees the whole conversation
   reject_unknown_arguments: bool = True
@@ -168,7 +169,8 @@ class ToolSimulator:
         task=task, tools_json=tools_pool.tools_text(task.tools),
         ledger=ledger.render() if self.cfg.use_ledger and ledger.entries else "",
         conversation=render_trajectory(messages) if self.cfg.show_conversation else "",
-        call=render_data("call", [{"name": call.name, "arguments": call.arguments}]))
+        call=render_data("call", [{"name": call.name, "arguments": call.arguments}]),
+        check_arguments=not self.cfg.schema_check)
 
   async def _answer(self, task: Task, ledger: ToolLedger, call: ToolCall, seed: int,
                     messages: list[dict[str, Any]] | None) -> ToolResult:
