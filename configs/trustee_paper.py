@@ -42,7 +42,7 @@ def get_config():
   # block), and the simulators see its reasoning (the reference's strip_thinking=false).
   c.rollout.update(group_size=8, max_turn_tokens=16384, max_episode_tokens=24576,
                    temperature=1.0, top_p=1.0, max_parallel_calls=3, enable_thinking=True,
-                   show_reasoning=True)
+                   show_reasoning=True, turn_limits="reference")
   c.world.task.thinking_prompt = True
   # Old log-probs recomputed by the trainer before the first update, as verl's actor does (the
   # sampler's, the default elsewhere, differ by the engine's numerics; the gap is logged).

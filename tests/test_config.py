@@ -130,3 +130,4 @@ def test_paper_config_leaves_no_role_sampling_to_the_server():
   assert cfg.world.judge.frequency_penalty == 0.1 and cfg.world.task.max_tokens == 8192
   assert cfg.train.recompute_old_logprobs  # as verl's actor, before the first update
   assert cfg.rollout.enable_thinking and cfg.rollout.show_reasoning and cfg.world.task.thinking_prompt
+  assert cfg.rollout.turn_limits == "reference"

@@ -309,3 +309,32 @@ def test_the_tool_simulator_is_shown_the_conversation(chat, tokenizer):
                                   cfg=rollout.RolloutConfig(group_size=1), seed=1))
   (request,) = client.requests
   assert task.first_user_query in request.prompt and "play_music" in request.prompt
+
+
+class CountingUser:
+  """Never ends the conversation; counts its replies."""
+
+  def __init__(self):
+    self.replies = 0
+
+  async def respond(self, task, messages, seed):
+    from trustee_jax.simulator.user import UserReply
+    self.replies += 1
+    return UserReply(response="Go on.", reward=0, ended=False)
+
+
+@pytest.mark.parametrize("limits,replies,generations,judged", [
+    ("project", 1, 2, 2),     # no turn is generated past its budget
+    ("reference", 2, 3, 2)])  # checked after each generation; the last is trained, not judged
+def test_turn_limits_are_counted_as_configured(chat, tokenizer, limits, replies, generations,
+                                               judged):
+  task = make_task(max_user_turns=1, max_assistant_turns=4)
+  user, policy = CountingUser(), ScriptedPolicy(tokenizer, ["Hello?"] * 6, chat.end_of_turn_id)
+  ep = asyncio.run(rollout.run_episode(
+      task, 0, 0, engine=policy, chat=chat, tokenizer=tokenizer, world=Roles(user=user),
+      cfg=rollout.RolloutConfig(group_size=1, turn_limits=limits), seed=1))
+  assert (user.replies, len(policy.calls)) == (replies, generations)
+  assert sum(m["role"] == "assistant" for m in ep.messages) == judged
+  turn_ids = len(tokenizer.encode("Hello?")) + 1
+  assert int(ep.loss_mask.sum()) == generations * turn_ids  # every generation is trained
+  assert ep.termination == "budget_turns"

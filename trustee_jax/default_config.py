@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       group_size=8, max_turn_tokens=512, max_episode_tokens=4096, temperature=1.0, top_p=1.0,
       top_k=0, enable_thinking=False, max_parallel_calls=3, invalid_call_penalty=0.0,
-      accept_untagged_calls=False, show_reasoning=False,
+      accept_untagged_calls=False, show_reasoning=False, turn_limits="project",
       ablate=()))  # ablate: rollout.ABLATIONS, configs/ablations.py
 
   c.train = ml_collections.ConfigDict(dict(

@@ -38,6 +38,11 @@ class RolloutConfig:
   # Whether the user, tool and judge simulators see the policy's reasoning (the reference's
   # strip_thinking=false shows it); the episode log keeps it either way.
   show_reasoning: bool = False
+  # "project": a turn is not generated past its budget (max_assistant_turns generations, at most
+  # max_user_turns user replies, tool turns checked after their results). "reference": every
+  # budget is checked after each generation, which is then trained but never shown to the judge
+  # (so the user can reply max_user_turns + 1 times), as the reference's agent loop.
+  turn_limits: str = "project"
   max_parallel_calls: int = 3
   invalid_call_penalty: float = 0.0  # format term per malformed or invalid tool call
   # Accept a bare or fenced {"name", "arguments"} object naming an offered tool as a call (small
@@ -51,6 +56,9 @@ class RolloutConfig:
     unknown = sorted(set(self.ablate) - set(ABLATIONS))
     if unknown:
       raise ValueError(f"rollout.ablate: unknown {unknown}; known: {sorted(ABLATIONS)}")
+    if self.turn_limits not in ("project", "reference"):
+      raise ValueError(f"rollout.turn_limits must be 'project' or 'reference', got "
+                       f"{self.turn_limits!r}")
 
   @classmethod
   def from_dict(cls, d: Any) -> "RolloutConfig":
@@ -235,8 +243,9 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
   user_turns = assistant_turns = tool_turns = 0
   turn = 0
+  reference_limits = cfg.turn_limits == "reference"
   while True:
-    if assistant_turns >= knobs["max_assistant_turns"]:
+    if not reference_limits and assistant_turns >= knobs["max_assistant_turns"]:
       ep.termination = "budget_turns"
       break
     budget = min(cfg.max_turn_tokens, cfg.max_episode_tokens - len(seq.tokens) - 1)
@@ -251,6 +260,11 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
     if comp.tokens[-1] != eot:  # cut by the budget: close the turn, not trained on
       seq.add([eot])
     assistant_turns += 1
+    if reference_limits and (assistant_turns > knobs["max_assistant_turns"]
+                             or user_turns > knobs["max_user_turns"]
+                             or tool_turns > knobs["max_tool_turns"]):
+      ep.termination = "budget_turns"  # this generation is trained, never judged
+      break
     text = tokenizer.decode([t for t in comp.tokens if t not in chat.stop_ids])
     parsed = chat_lib.parse_output(
         text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls,
@@ -283,11 +297,11 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       seq.set_turn_reward(span, float(np.mean(rewards)))
       history = list(messages)
       messages += new_msgs
-      if tool_turns > knobs["max_tool_turns"]:
+      if not reference_limits and tool_turns > knobs["max_tool_turns"]:
         ep.termination = "budget_turns"
         break
     else:
-      if user_turns >= knobs["max_user_turns"]:
+      if not reference_limits and user_turns >= knobs["max_user_turns"]:
         ep.termination = "budget_turns"
         break
       reply = await world.user.respond(user_task, seen(messages), derive_seed(seed, turn, 2))
