@@ -91,9 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
   # Fixed simulated tasks, run every `every` steps (0: off) with validation sampling settings;
   # level 0 draws them at the curriculum's starting level, another value at that fixed level.
+  # file: a fixed set in the reference's valid.parquet fields (JSON, JSON Lines or Parquet,
+  # simulator/validation_file.py) instead of generated tasks; num_tasks and level then unused.
   c.validation = ml_collections.ConfigDict(dict(every=10, num_tasks=16, samples=4,
-                                                temperature=0.6, top_p=0.95, top_k=20, level=0))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3))
+                                                temperature=0.6, top_p=0.95, top_k=20, level=0,
+                                                file=""))
+  # async_save: the files are written in the background while the next step's rollouts run.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3, async_save=True))
   # A resume refuses a config that differs from the checkpoint's beyond checkpoint.py's
   # RESUMABLE_CHANGES (steps, logging, cadences, endpoints); these patterns allow more.
   c.resume = ml_collections.ConfigDict(dict(allow_changes=()))

@@ -22,8 +22,9 @@ from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
 from trustee_jax.chat import ChatFormat
 from trustee_jax.sampling.engine import Engine
+from trustee_jax.simulator import validation_file
 from trustee_jax.simulator.tasks import Task
-from trustee_jax.train_logging import RunLogger
+from trustee_jax.train_logging import RunLogger, show_progress_bar, step_line
 from trustee_jax.world import build_world
 
 
@@ -284,8 +285,12 @@ class Trainer:
   # ---- validation ----------------------------------------------------------------------
 
   async def _validation_tasks(self) -> list:
-    """A fixed set, generated once at the start and saved in the workdir (reloaded on resume);
-    with several processes each has its share, in its own log directory."""
+    """A fixed set: `validation.file`'s rows (the reference's valid.parquet fields), or else
+    generated once at the start and saved in the workdir (reloaded on resume); with several
+    processes each has its share, in its own log directory."""
+    if self.cfg.validation.get("file"):
+      tasks = validation_file.load_tasks(self.cfg.validation.file)
+      return tasks[distributed.process_slice(len(tasks), self.info)]
     path = self.log.workdir / "validation_tasks.json"
     if path.exists():
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
