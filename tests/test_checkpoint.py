@@ -38,3 +38,21 @@ def test_a_changed_learning_rate_is_refused_by_name_unless_allowed():
     check_resumable(json.dumps(SAVED), json.dumps(running))
   check_resumable(json.dumps(SAVED), running, allow=("train.optimizer.*",))  # on purpose
   check_resumable(SAVED, json.dumps(SAVED))  # the same config, either form
+
+
+def test_a_field_added_since_the_checkpoint_is_no_change_at_its_default():
+  """A checkpoint written before a config field existed resumes when the field holds its
+  default; set to anything else, it is a change like any other."""
+  defaults = {"rollout": {"group_size": 8, "ablate": ()}, "hardware": {"platform": ""}}
+  running = json.loads(json.dumps(SAVED))
+  running["rollout"]["ablate"], running["hardware"] = [], {"platform": ""}
+  assert config_changes(SAVED, running, defaults=defaults) == {}
+  running["rollout"]["ablate"] = ["user_intent"]
+  assert config_changes(SAVED, running, defaults=defaults) == {
+      "rollout.ablate": (None, ["user_intent"])}
+
+
+def test_attention_kernel_and_a_cpu_smoke_run_may_change_on_resume():
+  saved = {"model": {"attention_impl": "einsum"}, "hardware": {"allow_cpu": False}}
+  assert config_changes(saved, {"model": {"attention_impl": "xla"},
+                                "hardware": {"allow_cpu": True}}) == {}

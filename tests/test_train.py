@@ -334,3 +334,40 @@ def test_resume_with_a_changed_learning_rate_is_refused_unless_allowed(tmp_path)
   changed.resume.allow_changes = ("train.optimizer.learning_rate",)
   assert "train/loss" in train.train(changed, tmp_path)  # resumed on purpose: step 2
   assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_damaged_one_is_skipped(tmp_path):
+  """SIGTERM: the step in progress finishes, is checkpointed (off the every-100 cadence) and
+  the run exits 0. Then a resume whose newest checkpoint is damaged takes the one before."""
+  proc = launch(tmp_path, 50, ("--config.checkpoint.every=100", "--config.validation.every=0"))
+  deadline = time.monotonic() + 1000
+  while not (tmp_path / "episodes" / "step_1.jsonl").exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+  assert "stopping after step" in out, out[-4000:]
+  [stop] = checkpoint_steps(tmp_path)
+  assert 1 <= stop < 50 and int(restored_state(tmp_path, stop)["step"]) == stop
+  assert scalar_steps(tmp_path / "tb", "reward/mean")[-1] == stop
+  assert scalar_steps(tmp_path / "tb", "checkpoint/stopped_by_sigterm") == [stop]
+  # Two more steps, each checkpointed; then the newest one's array files are truncated.
+  cfg = load_config("test", **{"train.steps": stop + 2, "validation.every": 0,
+                               "rollout_concurrency": 1})
+  train.train(cfg, tmp_path)
+  assert checkpoint_steps(tmp_path) == [stop + 1, stop + 2]
+  for f in (tmp_path / "checkpoints" / str(stop + 2) / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:8])
+  cfg.train.steps = stop + 3
+  train.train(cfg, tmp_path)  # resumes from stop + 1, trains stop + 2 and stop + 3 again
+  assert checkpoint_steps(tmp_path) == [stop + 2, stop + 3]
+  assert (tmp_path / "checkpoints" / f"{stop + 2}.unreadable").is_dir()
+  assert scalar_steps(tmp_path / "tb", "checkpoint/unreadable_skipped") == [stop + 1]

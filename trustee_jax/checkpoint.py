@@ -1,19 +1,28 @@
 """Orbax checkpoints of the whole training state (params, optimizer, curriculum, step, config).
 
 Saves are atomic (Orbax writes a temporary directory and renames it when complete), so a
-run killed mid-save leaves the previous checkpoint as the newest complete one. A restore
+run killed mid-save (async saves included) leaves the previous checkpoint as the newest
+complete one. A failed save raises CheckpointSaveError naming the step's directory (disk full
+said plainly). A resume takes the newest checkpoint that reads: an unreadable newer one
+(truncated or corrupted files) is warned about by step and set aside as STEP.unreadable. A restore
 checks the saved model config against the running one and refuses a mismatch by name, and
 then every other config field: a resumed run with another seed, learning rate or group size
 would otherwise carry on silently as if it were the same run.
 """
+import dataclasses
+import errno
 import fnmatch
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from trustee_jax import runtime
+from trustee_jax.default_config import default_config
 
 
 class CheckpointMismatchError(ValueError):
@@ -25,7 +34,8 @@ class CheckpointMismatchError(ValueError):
 RESUMABLE_CHANGES = ("train.steps", "log.*", "validation.every", "checkpoint.*", "progress_bar",
                      "rollout_concurrency", "mesh.shape", "distributed.*", "resume.*",
                      "simulator.urls", "simulator.port", "simulator.api_key",
-                     "simulator.log_dir", "simulator.timeout_s", "simulator.startup_timeout_s")
+                     "simulator.log_dir", "simulator.timeout_s", "simulator.startup_timeout_s",
+                     "model.attention_impl", "hardware.allow_cpu")  # same numerics; a CPU smoke run
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -39,11 +49,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], running: Mapping[str, Any],
-                   allowed: Iterable[str] = RESUMABLE_CHANGES) -> dict[str, tuple[Any, Any]]:
-  """key -> (saved, running) of every field that differs and no `allowed` pattern matches."""
+                   allowed: Iterable[str] = RESUMABLE_CHANGES,
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+  """key -> (saved, running) of every field that differs and no `allowed` pattern matches. A
+  key the saved config lacks is no change when the running value is its `defaults` value (a
+  field added to the code after the checkpoint was written, left at its default)."""
   a, b = flatten(saved), flatten(running)
+  d = flatten(defaults or {})
   norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  tuples as lists
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+  added_at_default = {k for k in set(b) - set(a) if k in d and norm(b[k]) == norm(d[k])}
+  return {k: (a.get(k), b.get(k)) for k in sorted((set(a) | set(b)) - added_at_default)
           if norm(a.get(k)) != norm(b.get(k))
           and not any(fnmatch.fnmatchcase(k, p) for p in allowed)}
 
@@ -53,7 +68,7 @@ def check_resumable(saved_config: Any, running_config: Any, allow: Iterable[str]
   the keys; configs are the JSON strings or dicts a checkpoint's meta holds."""
   load = lambda c: json.loads(c) if isinstance(c, str) else dict(c or {})  # noqa: E731
   diff = config_changes(load(saved_config), load(running_config),
-                        (*RESUMABLE_CHANGES, *allow))
+                        (*RESUMABLE_CHANGES, *allow), defaults=default_config().to_dict())
   if diff:
     shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in list(diff.items())[:12])
     raise CheckpointMismatchError(
@@ -62,24 +77,95 @@ def check_resumable(saved_config: Any, running_config: Any, allow: Iterable[str]
         f"'({', '.join(repr(k) for k in sorted(diff))},)'")
 
 
-class Checkpointer:
-  """Keep-last-N checkpoints under `directory`, one per saved step."""
+class CheckpointStateError(CheckpointMismatchError):
+  """A step's state could not be read into the running structure: corrupted or truncated
+  files, or another state layout."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3):
-    self.directory = pathlib.Path(directory).absolute()
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint in the directory could be restored; names every step tried and why."""
+
+
+class CheckpointSaveError(OSError):
+  """A save failed (disk full, I/O); names the step's directory, keeps the cause's errno."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """The newest checkpoint that restored, and the newer ones skipped as unreadable."""
+  state: Any
+  meta: dict[str, Any]
+  step: int
+  skipped: tuple[tuple[int, str], ...]  # (step, why), newest first; each was set aside
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether ENOSPC is anywhere in the error's chain (Orbax wraps it; TensorStore words it)."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+      return True
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+  return False
+
+
+class Checkpointer:
+  """Keep-last-N checkpoints under `directory`, one per saved step; with `async_save` a save
+  returns once the arrays are off the device and writes them in the background."""
+
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = False):
+    self.directory = runtime.run_path(directory)  # gs://... stays a URI
+    self.async_save = async_save
+    self._in_flight: int | None = None  # the step an async save is writing
+    self._failed: CheckpointSaveError | None = None  # the save error raised, if any
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     self.manager.reload()
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    """Saves `step`, first waiting for (and raising the error of) the save in flight."""
+    self.wait()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      raise self._save_error(step, e) from e
+    self._in_flight = step
+    if not self.async_save:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is complete on disk; raises its error by path."""
+    step, self._in_flight = self._in_flight, None
+    if step is None:  # none started, or its error was raised already
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:
+      raise self._save_error(step, e) from e
+    if step is not None and step != self.latest_step():  # Orbax logged an error, not raised
+      raise CheckpointSaveError(None, f"checkpoint step {step} was not finalised (see the "
+                                f"Orbax error logged above)", str(self.directory / str(step)))
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    """The error naming the step's directory, disk-full said plainly."""
+    full = is_disk_full(error)
+    cause = "the disk is full (ENOSPC)" if full else f"{type(error).__name__}: {error}"
+    code = errno.ENOSPC if full else getattr(error, "errno", None)
+    self._failed = CheckpointSaveError(code, f"saving checkpoint step {step} failed: {cause}. "
+                                       f"The checkpoints saved before it are untouched",
+                                       str(self.directory / str(step)))
+    return self._failed
 
   def restore(self, step: int, abstract_state: Any, expected_meta: dict[str, Any],
               check_meta: Callable[[dict[str, Any]], None] | None = None
@@ -102,12 +188,71 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))["state"]
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match the running state: {e}") from e
+      raise CheckpointStateError(
+          f"checkpoint {self.directory}/{step} does not match the running state or is "
+          f"damaged: {e}") from e
     return restored, meta
 
+  def restore_latest(self, abstract_state: Any, expected_meta: dict[str, Any],
+                     check_meta: Callable[[dict[str, Any]], None] | None = None
+                     ) -> Restored | None:
+    """The newest checkpoint that restores (None: there is none). An unreadable one (truncated
+    or corrupted files) is warned about, set aside as STEP.unreadable and the one before tried;
+    a config refusal is raised at once. None readable: an error listing every step and why.
+    TensorStore keeps no checksum of array data: a flipped byte inside a compressed chunk can
+    restore as wrong values, unseen; truncation and damaged index or metadata files are seen."""
+    self.manager.reload()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    skipped: list[tuple[int, str]] = []
+    for step in steps:
+      try:
+        state, meta = self.restore(step, abstract_state, expected_meta, check_meta)
+      except CheckpointStateError as e:
+        reason = str(e.__cause__)
+      except CheckpointMismatchError:
+        raise  # the model or config differs: every older step would say the same
+      except (OSError, ValueError, KeyError, TypeError) as e:  # the meta file itself
+        reason = f"{type(e).__name__}: {e}"
+      else:
+        for bad, _ in skipped:
+          self.set_aside(bad)
+        return Restored(state, meta, step, tuple(skipped))
+      reason = reason[:600]
+      logging.warning("CHECKPOINT STEP %d IS UNREADABLE, trying the one before: %s", step, reason)
+      skipped.append((step, reason))
+    if skipped:
+      raise CheckpointRestoreError(
+          f"no checkpoint under {self.directory} could be restored; tried "
+          + "; ".join(f"step {s}: {why}" for s, why in skipped))
+    return None
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Renames an unreadable step's directory to STEP.unreadable (kept for a look, no longer a
+    step Orbax lists or would save over); the primary process renames, all wait for it."""
+    target = self.directory / f"{step}.unreadable"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(target)
+    ocp.multihost.sync_global_processes(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
+    return target
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process has reached the step JAX's preemption service agreed to stop at
+    (after a SIGTERM to any of them); False without jax.distributed."""
+    return self.manager.reached_preemption(step)
+
   def close(self) -> None:
-    self.manager.close()
+    """Waits for the save in flight (raising its error), then closes the manager (which
+    re-raises a failed save's error: raised once already, it is logged, not raised again)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:
+        if self._failed is None:
+          raise
+        logging.info("closed after the failed save: %s", self._failed)
 
 
 def abstract_like(tree: Any) -> Any:

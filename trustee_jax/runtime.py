@@ -1,9 +1,12 @@
 """Where and on what a run runs: its workdir (a local directory or a gs:// / s3:// URI, through
-etils.epath) and the accelerator backend its config names."""
+etils.epath), the accelerator backend its config names, and how it is asked to stop (SIGTERM)."""
 import os
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 PLATFORMS = ("", "cpu", "gpu", "tpu")  # hardware.platform: "" = any backend
@@ -69,3 +72,25 @@ def device_memory(devices: Sequence[Any]) -> dict[str, float] | None:
   return {"in_use": fullest.get("bytes_in_use", 0) / gib,
           "peak": max(s.get("peak_bytes_in_use", 0) for s in stats) / gib,
           "limit": fullest.get("bytes_limit", 0) / gib}
+
+
+class SigtermStop:
+  """Turns the first SIGTERM into a request to stop after the current step (a second one kills,
+  as by default). Installed with one process only: with several, JAX's preemption service
+  catches SIGTERM and `Checkpointer.reached_preemption` says when all processes stop."""
+
+  def __init__(self, install: bool):
+    self.received = False
+    self._previous = None
+    if install and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    self.received = True
+    logging.warning("SIGTERM: finishing the current step, then a checkpoint and exit")
+    self.uninstall()
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -14,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 from flax import nnx
 
 from trustee_jax import curriculum as cur
-from trustee_jax import distributed, grpo, lora, rollout, seeding, step_batch, update
+from trustee_jax import distributed, grpo, lora, rollout, runtime, seeding, step_batch, update
 from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
 from trustee_jax.chat import ChatFormat
@@ -81,7 +83,7 @@ class Trainer:
   def __init__(self, cfg, workdir: str | pathlib.Path, world=None):
     check_budgets(cfg)
     self.cfg = cfg
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = runtime.run_path(workdir)  # gs://... stays a URI
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.info = distributed.process_info()
     if self.info.count > 1:  # each process writes its shards of one shared directory
@@ -115,7 +117,10 @@ class Trainer:
         self.policy.graphdef, self.optimizer, self.grpo_cfg, micro_batch=t.micro_batch,
         temperature=self.rollout_cfg.temperature, chunk_size=t.logprob_chunk,
         out_shardings=shardings)
-    self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+    self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                             async_save=cfg.checkpoint.async_save)
+    self.unreadable_checkpoints: tuple[tuple[int, str], ...] = ()  # (step, why) set aside
+    self.sigterm: runtime.SigtermStop | None = None  # while run() runs
     self.meta = self.policy.meta
     self.start_step = self._maybe_restore()
     self.engine = Engine(self.engine_model(),
@@ -146,17 +151,19 @@ class Trainer:
             for k, v in self.state.items()}
 
   def _maybe_restore(self) -> int:
-    step = self.ckpt.latest_step()
-    if step is None:
-      return 0
+    """The newest readable checkpoint's step (0: none), its state loaded; unreadable newer ones
+    are skipped (Checkpointer.restore_latest warns and sets them aside) and remembered."""
     allow = tuple(self.cfg.get("resume", {}).get("allow_changes", ()))
-    restored, _ = self.ckpt.restore(
-        step, abstract_like(self.checkpoint_view()), self.meta,
+    found = self.ckpt.restore_latest(
+        abstract_like(self.checkpoint_view()), self.meta,
         check_meta=lambda meta: check_resumable(meta.get("config"), self.meta["config"], allow))
+    if found is None:
+      return 0
+    restored, self.unreadable_checkpoints = found.state, found.skipped
     for key in HOST_STATE:  # back to this process's own copies
       restored[key] = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), restored[key])
     self.state = restored
-    return int(step)
+    return int(found.step)
 
   # ---- one step ------------------------------------------------------------------------
 
@@ -320,12 +327,18 @@ class Trainer:
   async def run(self) -> dict[str, Any]:
     cfg = self.cfg
     last = {}
+    if self.unreadable_checkpoints:  # counted where the curves are, named in the log
+      self.log.scalars(self.start_step, {
+          "checkpoint/unreadable_skipped": float(len(self.unreadable_checkpoints))})
     val_tasks = await self._validation_tasks() if cfg.validation.every else []
     if val_tasks and self.start_step == 0:  # the untrained policy, the curves' starting point
       self.log.scalars(0, await self.validate(0, val_tasks))
       self.log.flush()
     bar = tqdm.tqdm(range(self.start_step + 1, cfg.train.steps + 1), desc="train",
-                    initial=self.start_step, total=cfg.train.steps, disable=not cfg.progress_bar)
+                    initial=self.start_step, total=cfg.train.steps,
+                    disable=not show_progress_bar(cfg.progress_bar, self.info.is_primary,
+                                                  sys.stderr))
+    self.sigterm = sigterm = runtime.SigtermStop(install=self.info.count == 1)
     for step in bar:
       out = await self.train_step(step)
       scalars = out["scalars"]
@@ -334,13 +347,22 @@ class Trainer:
       # Logs first, flushed, then the checkpoint: a run killed after the save has every
       # scalar up to it on disk, and its resume purges only the steps after it.
       self._log_step(step, scalars, out)
-      if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-        t0 = time.perf_counter()
+      # Every process asks every step: JAX's preemption service makes them agree on the step.
+      stop = self.ckpt.reached_preemption(step) or sigterm.received
+      if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+        t0 = time.perf_counter()  # async: the rest of the write overlaps the next step
         self.ckpt.save(step, self.checkpoint_view(), self.meta)
         self.log.scalars(step, {"time/checkpoint": time.perf_counter() - t0})
       bar.set_postfix(reward=f"{scalars.get('reward/mean', float('nan')):.2f}",
                       level=f"{scalars['curriculum/level']:.0f}")
       last = scalars
+      if stop:
+        self.log.scalars(step, {"checkpoint/stopped_by_sigterm": 1.0})
+        logging.warning("stopping after step %d on SIGTERM/preemption, checkpoint saved; rerun "
+                        "the same command to resume", step)
+        break
+    sigterm.uninstall()
+    self.ckpt.wait()  # never return with a save in flight
     self.log.flush()
     return last
 
@@ -350,8 +372,13 @@ class Trainer:
       self.log.episodes(step, out["result"].episodes[:self.cfg.log.episodes_per_log],
                         out["tasks"], scalars["curriculum/level"])
     self.log.flush()
+    if self.info.is_primary:
+      logging.info("%s", step_line(step, self.cfg.train.steps, scalars,
+                                   runtime.device_memory(jax.local_devices())))
 
   def close(self) -> None:
+    if self.sigterm is not None:
+      self.sigterm.uninstall()
     self.engine.close()
     self.ckpt.close()
     self.log.close()
