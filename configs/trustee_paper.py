@@ -15,8 +15,12 @@ def get_config():
   # Decode scans the stacked weights: a per-layer copy (faster decode, measured on CPU only,
   # benchmarks/README.md) would hold another 16 GB of bf16 weights.
   c.engine.update(num_slots=128, cache_len=24576, decode_chunk=8, unstack_layers=False)
+  # JSON as the reference asks for it: in the prompt, parsed and repaired, no grammar; and no
+  # fields beyond the ones it reads (no user thought, tool notes or per-criterion verdicts).
   c.simulator.update(mode="url", urls=("http://127.0.0.1:30000",), timeout_s=120.0,
-                     max_retries=3, max_concurrency=128)
+                     max_retries=3, max_concurrency=128, json_mode="prompted")
+  for role in ("user", "tools", "judge"):
+    c.world[role].extra_fields = False
   # Every simulator role thinks. The reference sends no temperature, top_p or top_k, so vLLM
   # applies Qwen3-8B's generation_config.json (0.6 / 0.95 / 20); here they are sent explicitly,
   # so SGLang (which may not read that file) samples the same. Task generation gets 8192 tokens,

@@ -365,6 +365,37 @@ def test_chat_json_reasks_schema_invalid_output():
 
 
 @pytest.mark.timeout(10)
+def test_prompted_json_asks_in_the_prompt_and_repairs_a_cut_reply():
+  """The reference's JSON: no grammar; the schema in the prompt; a reply cut mid-object (as by
+  max_tokens) closed and validated; one that cannot be repaired re-asked."""
+  user_schema = {"type": "object", "properties": {
+      "response": {"type": "string"}, "reward": {"type": "integer", "enum": [-1, 0, 1]}},
+      "required": ["response", "reward"], "x-guidance": {"whitespace_flexible": False}}
+  async def main():
+    async with ScriptedServer(ok("Sure, here: {\"response\": "),
+                              ok('<think>ok</think>```json\n{"response": "Fine", "reward": 1',
+                                 finish_reason="length")) as srv:
+      async with SimulatorClient(_config(srv.url, json_mode="prompted")) as c:
+        value = await c.chat_json(_messages(), user_schema, role="user", seed=3)
+        assert value == {"response": "Fine", "reward": 1}
+        assert _nonzero(c.stats()) == {"calls/user": 2, "reasks/invalid_json": 1,
+                                       "repairs/user": 1}
+    first = srv.requests[0]["json"]
+    assert "response_format" not in first
+    assert first["messages"][-1]["content"].endswith(
+        json.dumps({k: v for k, v in user_schema.items() if k != "x-guidance"}))
+  asyncio.run(main())
+
+
+def test_repair_json_closes_what_was_cut():
+  repair = client_lib.repair_json
+  assert repair('{"response": "ok", "reward": 1') == {"response": "ok", "reward": 1}
+  assert repair('x {"a": [1, {"b": "tr') == {"a": [1, {"b": "tr"}]}
+  assert repair('{"a": "q\\"uote') == {"a": 'q"uote'} and repair('{"a": 1,') == {"a": 1}
+  assert repair('{"a": ') is None and repair("no json") is None
+
+
+@pytest.mark.timeout(10)
 def test_chat_json_reasks_a_reply_cut_by_max_tokens():
   async def main():
     # A cut reply is re-asked even when what arrived happens to parse.

@@ -131,3 +131,5 @@ def test_paper_config_leaves_no_role_sampling_to_the_server():
   assert cfg.train.recompute_old_logprobs  # as verl's actor, before the first update
   assert cfg.rollout.enable_thinking and cfg.rollout.show_reasoning and cfg.world.task.thinking_prompt
   assert cfg.rollout.turn_limits == "reference"
+  assert cfg.simulator.json_mode == "prompted"
+  assert not any(cfg.world[r].extra_fields for r in ("user", "tools", "judge"))

@@ -326,3 +326,16 @@ def test_questions_from_logprobs(p_yes, score):
   assert got.score == score and len(client.calls) == 2
   assert client.calls[0]["logprobs"] is True and client.calls[0]["top_logprobs"] == 5
   assert client.calls[0]["response_format"]["json_schema"]["schema"] == judge_mod.question_schema()
+
+
+def test_criteria_verdicts_are_asked_only_where_the_score_needs_them():
+  """extra_fields off: the judge asks for a reason and a score only, as the reference, unless
+  its score is computed from the verdicts (score_rule criteria, blend mode)."""
+  lean = judge_mod.JudgeConfig(extra_fields=False, score_rule="model")
+  assert not lean.asks_criteria
+  assert judge_mod.JudgeConfig(extra_fields=False, score_rule="criteria").asks_criteria
+  assert list(judge_mod.judge_schema(2, 100, criteria_met=False)["properties"]) == [
+      "reason", "score"]
+  judge = judge_mod.Judge(ScriptedClient([]), {"extra_fields": False, "score_rule": "model"})
+  assert "criteria_met" not in judge.prompt(TASK, episode(), 2)
+  assert "criteria_met" in judge_mod.Judge(ScriptedClient([])).prompt(TASK, episode(), 2)

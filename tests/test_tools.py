@@ -179,3 +179,13 @@ def test_the_lm_gets_the_argument_checklist_only_when_it_is_the_only_check(schem
   else:
     (prompt,) = prompts
     assert "missing required argument" in prompt and "declared type" in prompt
+
+
+def test_without_extra_fields_there_are_no_notes_to_write():
+  assert list(tl.tool_schema(tl.ToolSimConfig(extra_fields=False))["properties"]) == [
+      "result", "reward"]
+  client = ScriptedClient([{"result": "{}", "reward": 0}])
+  sim = tl.ToolSimulator(client, {"extra_fields": False, "use_ledger": False})
+  asyncio.run(sim.execute(TASK, tl.ToolLedger(), [ToolCall("get_order", {"order_id": "1"})],
+                          seed=0))
+  assert "- notes:" not in client.requests[0].prompt

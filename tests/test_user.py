@@ -78,3 +78,11 @@ def test_schema_limits():
     jsonschema.validate({"thought": "", "response": "x" * 51, "reward": 0}, schema)
   with pytest.raises(jsonschema.ValidationError):
     jsonschema.validate({"thought": "", "response": "x", "reward": 2}, schema)
+
+
+def test_without_extra_fields_there_is_no_thought_to_write():
+  cfg = UserConfig(extra_fields=False)
+  assert list(user_schema(cfg)["properties"]) == ["response", "reward"]
+  sim = UserSimulator(ScriptedClient([]), {"extra_fields": False})
+  assert "- thought:" not in sim.prompt(TASK, MESSAGES)
+  assert "- thought:" in UserSimulator(ScriptedClient([])).prompt(TASK, MESSAGES)

@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
       mode="embedded", backend="jax", processes=1, dtype="", doubles_judge="rule",
       urls=(), api_key="", model="smollm2", tokenizer="", port=0,  # 0: any free port
       num_slots=16, cache_len=4096, timeout_s=120.0, max_retries=3, max_concurrency=16,
-      startup_timeout_s=600.0, log_dir="."))
+      startup_timeout_s=600.0, log_dir=".",
+      json_mode="constrained"))  # or "prompted": the reference's (simulator/client.py)
   c.world = ml_collections.ConfigDict()
   c.world.tool_pool = ""  # "" = the shipped pool; or a path (TRUSTEE's toolbench_tools.json)
   c.world.lenient_pool = False
@@ -63,13 +64,16 @@ def default_config() -> ml_collections.ConfigDict:
   # A short batch of tasks is refilled at an easier level; an outage is waited out (world.py).
   c.world.task_refill = ml_collections.ConfigDict(dict(
       rounds=5, oversample=2, level_drop=10, outage_wait_s=300.0, max_sleep_s=30.0))
-  c.world.user = ml_collections.ConfigDict(role_sampling(max_tokens=384))
+  # extra_fields: the user's private thought, the tools' notes, the judge's per-criterion
+  # verdicts, asked for before the answer (the reference asks for none of them).
+  c.world.user = ml_collections.ConfigDict(dict(extra_fields=True,
+                                                **role_sampling(max_tokens=384)))
   c.world.tools = ml_collections.ConfigDict(dict(
       schema_check=True, use_ledger=True, max_result_chars=512, max_parallel_calls=3,
-      **role_sampling(max_tokens=512)))
+      extra_fields=True, **role_sampling(max_tokens=512)))
   c.world.judge = ml_collections.ConfigDict(dict(
       num_votes=1, max_criteria=5, mode="lm",  # lm | rule | blend | questions
-      **role_sampling(max_tokens=512)))
+      extra_fields=True, **role_sampling(max_tokens=512)))
 
   c.curriculum = ml_collections.ConfigDict(dict(mode="level"))
   c.grpo = ml_collections.ConfigDict(dict(

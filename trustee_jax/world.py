@@ -243,7 +243,8 @@ async def build_world(cfg) -> SimWorld:
     raise ValueError(f"unknown simulator.mode {sim.mode!r}: doubles | embedded | url")
   client = SimulatorClient(ClientConfig(
       urls=urls, api_key=sim.get("api_key") or None, timeout_s=sim.timeout_s,
-      max_retries=sim.max_retries, max_concurrency=sim.max_concurrency))
+      max_retries=sim.max_retries, max_concurrency=sim.max_concurrency,
+      json_mode=sim.get("json_mode", "constrained")))
   w = cfg.world
   pool = (tools_pool.load_pool(w.tool_pool, lenient=w.get("lenient_pool", False))
           if w.get("tool_pool") else tools_pool.load_shipped_pool())

@@ -65,8 +65,14 @@ class ClientConfig:
   retry_after_max_s: float = 30.0
   max_concurrency: int = 16
   max_reasks: int = 2
+  # "constrained": JSON replies forced by the server's grammar (response_format json_schema).
+  # "prompted": the reference's way: the schema asked for in the prompt, the JSON parsed out of
+  # free text and a truncated object repaired (counted as repairs/ROLE), then validated.
+  json_mode: str = "constrained"
 
   def __post_init__(self):
+    if self.json_mode not in ("constrained", "prompted"):
+      raise ValueError(f"json_mode must be 'constrained' or 'prompted', got {self.json_mode!r}")
     if isinstance(self.urls, str) or not self.urls:
       raise ValueError(f"ClientConfig.urls must be a non-empty tuple of URLs, got {self.urls!r}")
     for url in self.urls:
@@ -183,6 +189,11 @@ _THINK_END = "</think>"
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 
 
+def _after_thinking(text: str) -> str:
+  """The text after a closed <think> block (all of it when there is none)."""
+  return text.rsplit(_THINK_END, 1)[1] if _THINK_END in text else text
+
+
 def extract_json(content: str, reasoning_content: str | None = None) -> Any:
   """The JSON answer in a reply: after any <think> block, inside any ```json fence.
 
@@ -211,6 +222,39 @@ def extract_json(content: str, reasoning_content: str | None = None) -> Any:
     if isinstance(value, dict):
       return value
   raise ValueError(f"no JSON object in the reply: {_snippet(text)!r}")
+
+
+def repair_json(text: str) -> Any:
+  """A JSON object cut off mid-way (the reply hit max_tokens, or the model stopped early):
+  the text from its first "{" with any open string and open brackets closed, as the reference's
+  simulator repairs; None when that does not parse either."""
+  start = text.find("{")
+  if start < 0:
+    return None
+  body = text[start:].rstrip()
+  closers, in_string, escaped = [], False, False
+  for ch in body:
+    if in_string:
+      escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+    elif ch == '"':
+      in_string = True
+    elif ch in "{[":
+      closers.append("}" if ch == "{" else "]")
+    elif ch in "}]" and closers:
+      closers.pop()
+  if not in_string:
+    body = body.rstrip(",")
+  try:
+    return json.loads(body + ('"' if in_string else "") + "".join(reversed(closers)))
+  except ValueError:
+    return None
+
+
+def schema_instruction(schema: dict[str, Any]) -> str:
+  """What a prompted-JSON request adds to its prompt: the reply's form, as a JSON Schema."""
+  shown = {k: v for k, v in schema.items() if k != "x-guidance"}
+  return ("\n\nAnswer with one JSON object and nothing else, matching this JSON Schema:\n"
+          + json.dumps(shown, ensure_ascii=False))
 
 
 def _schema_name(role: str) -> str:
@@ -342,9 +386,13 @@ class SimulatorClient:
     validator_cls = jsonschema.validators.validator_for(schema)
     validator_cls.check_schema(schema)  # A bad schema is our bug: fail before any request.
     validator = validator_cls(schema)
-    response_format = {"type": "json_schema",
-                       "json_schema": {"name": _schema_name(role), "schema": schema,
-                                       "strict": True}}
+    prompted = self.config.json_mode == "prompted"
+    response_format = None if prompted else {
+        "type": "json_schema",
+        "json_schema": {"name": _schema_name(role), "schema": schema, "strict": True}}
+    if prompted:
+      last = dict(messages[-1], content=str(messages[-1]["content"]) + schema_instruction(schema))
+      messages = [*messages[:-1], last]
     seed = sampling.pop("seed", None)
     problem, endpoint = "", self.config.urls[0]
     for ask in range(self.config.max_reasks + 1):
@@ -354,14 +402,17 @@ class SimulatorClient:
       result = await self.chat(messages, role=role, response_format=response_format,
                                seed=None if seed is None else seed + ask, **sampling)
       endpoint = result.endpoint
-      if result.finish_reason == "length":
+      if result.finish_reason == "length" and not prompted:
         reason, problem = "length", "the reply was cut by max_tokens"
         continue
       try:
         value = extract_json(result.content, result.reasoning_content)
       except ValueError as e:
-        reason, problem = "invalid_json", str(e)
-        continue
+        value = repair_json(_after_thinking(result.content)) if prompted else None
+        if value is None:
+          reason, problem = "invalid_json", str(e)
+          continue
+        self._counts[f"repairs/{role}"] += 1
       error = jsonschema.exceptions.best_match(validator.iter_errors(value))
       if error is None:
         return value

@@ -75,6 +75,14 @@ class JudgeConfig:
   max_excerpt_chars: int = 3000  # questions: each excerpt cut to this many characters
   logprob_threshold: float | None = None  # questions: answers from P(yes) vs P(no) (see above)
   top_logprobs: int = 5
+  # per-criterion verdicts before the score; with score_rule "model" in lm mode they can be left
+  # out (the reference asks for the score and a reason only)
+  extra_fields: bool = True
+
+  @property
+  def asks_criteria(self) -> bool:
+    """Whether the judge's answer carries `criteria_met` (a score from it needs them)."""
+    return self.extra_fields or self.score_rule == "criteria" or self.mode == "blend"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +171,18 @@ def majority(votes: list[int]) -> int:
   return min(v for v, c in counts.items() if c == best)
 
 
-def judge_schema(num_criteria: int, max_reason_chars: int) -> dict[str, Any]:
-  """Reason first, then per-criterion verdicts, then the score (llguidance keeps this order)."""
-  return {"type": "object",
-          "properties": {
-              "reason": {"type": "string", "maxLength": max_reason_chars},
-              "criteria_met": {"type": "array", "items": {"type": "boolean"},
-                               "minItems": num_criteria, "maxItems": num_criteria},
-              "score": {"type": "integer", "enum": [-1, 0, 1]}},
-          "required": ["reason", "criteria_met", "score"], "additionalProperties": False,
-          "x-guidance": {"whitespace_flexible": False}}
+def judge_schema(num_criteria: int, max_reason_chars: int,
+                 criteria_met: bool = True) -> dict[str, Any]:
+  """Reason first, then per-criterion verdicts (unless left out), then the score (llguidance
+  keeps this order)."""
+  props = {"reason": {"type": "string", "maxLength": max_reason_chars},
+           "criteria_met": {"type": "array", "items": {"type": "boolean"},
+                            "minItems": num_criteria, "maxItems": num_criteria},
+           "score": {"type": "integer", "enum": [-1, 0, 1]}}
+  if not criteria_met:
+    del props["criteria_met"]
+  return {"type": "object", "properties": props, "required": list(props),
+          "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
 
 
 def rule_score(check: CallCheck) -> int:
@@ -283,7 +293,8 @@ class Judge:
     return self._template.render(
         task=task, tools_json=tools_pool.tools_text(task.tools),
         trajectory=render_trajectory(messages),
-        criteria=CRITERIA[:num_criteria] if criteria is None else list(criteria))
+        criteria=CRITERIA[:num_criteria] if criteria is None else list(criteria),
+        criteria_met=self.cfg.asks_criteria)
 
   def check(self, task: Task, messages: list[dict[str, Any]]) -> CallCheck | None:
     """The rule check of the episode's calls, None when the task has no expected calls."""
@@ -364,7 +375,8 @@ class Judge:
       blend = self.cfg.mode == "blend"
       criteria = [CONVERSATION[i] for i in range(n) if i in CONVERSATION] if blend else None
       prompt = self.prompt(task, messages, n, criteria)
-      schema = judge_schema(n if criteria is None else len(criteria), self.cfg.max_reason_chars)
+      schema = judge_schema(n if criteria is None else len(criteria), self.cfg.max_reason_chars,
+                            criteria_met=self.cfg.asks_criteria)
       votes_at = lambda s: self._vote(prompt, schema, s, task.task_id)
     results = await asyncio.gather(*(votes_at(retry_seed(seed, k))
                                      for k in range(self.cfg.num_votes)))

@@ -38,6 +38,7 @@ class ToolSimConfig:
   top_p: float | None = None
   max_tokens: int | None = 512
   frequency_penalty: float | None = None
+  extra_fields: bool = True  # `notes` on the state before the result (the reference has none)
   top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
 
@@ -133,14 +134,14 @@ def truncate(text: str, limit: int, side: str = "middle") -> str:
 
 
 def tool_schema(cfg: ToolSimConfig) -> dict[str, Any]:
-  """Notes on the state first, then the result, then the call's reward."""
-  return {"type": "object",
-          "properties": {
-              "notes": {"type": "string", "maxLength": cfg.max_notes_chars},
-              "result": {"type": "string", "minLength": 1, "maxLength": 4 * cfg.max_result_chars},
-              "reward": {"type": "integer", "enum": [-1, 0, 1]}},
-          "required": ["notes", "result", "reward"], "additionalProperties": False,
-          "x-guidance": {"whitespace_flexible": False}}
+  """Notes on the state first (extra_fields), then the result, then the call's reward."""
+  props = {"notes": {"type": "string", "maxLength": cfg.max_notes_chars},
+           "result": {"type": "string", "minLength": 1, "maxLength": 4 * cfg.max_result_chars},
+           "reward": {"type": "integer", "enum": [-1, 0, 1]}}
+  if not cfg.extra_fields:
+    del props["notes"]
+  return {"type": "object", "properties": props, "required": list(props),
+          "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
 
 
 class ToolSimulator:
@@ -170,7 +171,7 @@ class ToolSimulator:
         ledger=ledger.render() if self.cfg.use_ledger and ledger.entries else "",
         conversation=render_trajectory(messages) if self.cfg.show_conversation else "",
         call=render_data("call", [{"name": call.name, "arguments": call.arguments}]),
-        check_arguments=not self.cfg.schema_check)
+        check_arguments=not self.cfg.schema_check, extra_fields=self.cfg.extra_fields)
 
   async def _answer(self, task: Task, ledger: ToolLedger, call: ToolCall, seed: int,
                     messages: list[dict[str, Any]] | None) -> ToolResult:

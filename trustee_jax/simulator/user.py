@@ -22,6 +22,7 @@ class UserConfig:
   top_p: float | None = None
   max_tokens: int | None = 384
   frequency_penalty: float | None = None
+  extra_fields: bool = True  # a private `thought` before the reply (the reference has none)
   top_k: int | None = None  # SGLang's and vLLM's extension; None: the server's default
   chat_template_kwargs: dict[str, Any] | None = None
 
@@ -34,14 +35,15 @@ class UserReply:
 
 
 def user_schema(cfg: UserConfig) -> dict[str, Any]:
-  """A private thought first, then the reply ("" ends the episode), then the turn reward."""
-  return {"type": "object",
-          "properties": {
-              "thought": {"type": "string", "maxLength": cfg.max_thought_chars},
-              "response": {"type": "string", "maxLength": cfg.max_response_chars},
-              "reward": {"type": "integer", "enum": [-1, 0, 1]}},
-          "required": ["thought", "response", "reward"], "additionalProperties": False,
-          "x-guidance": {"whitespace_flexible": False}}
+  """A private thought first (extra_fields), then the reply ("" ends the episode), then the
+  turn reward."""
+  props = {"thought": {"type": "string", "maxLength": cfg.max_thought_chars},
+           "response": {"type": "string", "maxLength": cfg.max_response_chars},
+           "reward": {"type": "integer", "enum": [-1, 0, 1]}}
+  if not cfg.extra_fields:
+    del props["thought"]
+  return {"type": "object", "properties": props, "required": list(props),
+          "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
 
 
 class UserSimulator:
@@ -56,7 +58,8 @@ class UserSimulator:
   def prompt(self, task: Task, messages: list[dict[str, Any]]) -> str:
     tools = [{"name": tools_pool.tool_name(t),
               "description": tools_pool.function_of(t).get("description", "")} for t in task.tools]
-    return self._template.render(task=task, tools=tools, trajectory=render_trajectory(messages))
+    return self._template.render(task=task, tools=tools, trajectory=render_trajectory(messages),
+                                 extra_fields=self.cfg.extra_fields)
 
   async def respond(self, task: Task, messages: list[dict[str, Any]], seed: int) -> UserReply:
     if not messages or messages[-1].get("role") != "assistant" or messages[-1].get("tool_calls"):
