@@ -366,3 +366,40 @@ def test_sampling_on_a_two_device_mesh_matches(smol, engine, prompt_ids):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["tokens"] == want
   assert result["cache_spec"][1] == "data"  # the KV cache's slot axis is sharded over data
+
+
+class _FaultOnce:
+  """Wraps sampler.decode: the first call decoding `live` requests together consumes the
+  donated KV cache (as a failed device step can) and raises; every other call passes through."""
+
+  def __init__(self, decode, live: int):
+    self.decode, self.live, self.fired = decode, live, 0
+
+  def __call__(self, graphdef, state, layers, cache, counts, rows, last_tok, positions, *a, **kw):
+    if not self.fired and int((np.asarray(positions) >= 0).sum()) == self.live:
+      self.fired += 1
+      for leaf in jax.tree_util.tree_leaves(cache):
+        leaf.delete()
+      raise RuntimeError("injected device fault")
+    return self.decode(graphdef, state, layers, cache, counts, rows, last_tok, positions, *a, **kw)
+
+
+def test_a_failed_step_fails_its_batch_then_the_engine_serves_again(monkeypatch):
+  from trustee_jax.models.model_configs import get_model_config
+  from trustee_jax.models.transformer import create_model
+  from trustee_jax.sampling import engine as engine_module
+  with Engine(create_model(get_model_config("tiny-llama")), num_slots=4, cache_len=128) as eng:
+    prompts, greedy = [[5, 6, 7], [8, 9, 10, 11], [12, 13]], _greedy(24)
+    before = [c.tokens for c in eng.generate(prompts, greedy)]
+    fault = _FaultOnce(engine_module.sampler.decode, live=len(prompts))
+    monkeypatch.setattr(engine_module.sampler, "decode", fault)
+    futures = [eng.submit(p, greedy) for p in prompts]
+    for f in futures:
+      with pytest.raises(EngineError, match="engine step failed: RuntimeError: injected device"):
+        f.result(timeout=120)
+    assert fault.fired == 1
+    metrics = eng.metrics()
+    assert metrics["engine_errors"] == 1 and metrics["busy_slots"] == metrics["pending"] == 0
+    assert metrics["running"]
+    # A fresh cache replaced the consumed one: the same requests give the same tokens again.
+    assert [c.tokens for c in eng.generate(prompts, greedy)] == before

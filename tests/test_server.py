@@ -208,7 +208,9 @@ MALFORMED = {
     "negative temperature": ("/v1/chat/completions", _chat(temperature=-1), None),
     "n zero": ("/v1/chat/completions", _chat(n=0), None),
     "top_p zero": ("/v1/chat/completions", _chat(top_p=0), None),
-    "unknown parameter": ("/v1/chat/completions", _chat(foo=1), "unknown_parameter"),
+    "unknown response_format field": ("/v1/chat/completions",
+                                      _chat(response_format={"type": "text", "foo": 1}),
+                                      "unknown_parameter"),
     "top_logprobs without logprobs": ("/v1/chat/completions", _chat(top_logprobs=2), None),
     "too many top_logprobs": ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=50), None),
     "tool_choice without tools": ("/v1/chat/completions", _chat(tool_choice="required"), None),
@@ -224,6 +226,18 @@ MALFORMED = {
     "empty prompt": ("/v1/completions", {"prompt": "", "max_tokens": 2}, None),
     "echo": ("/v1/completions", {"prompt": "hi", "echo": True}, None),
 }
+
+
+def test_unknown_top_level_fields_are_ignored_and_counted(smol):
+  """Another server's extensions (SGLang's separate_reasoning, vLLM's repetition_penalty) are
+  ignored with a warning, as those servers do, not refused; /metrics counts them."""
+  before = httpx.get(smol[1] + "/metrics").json()["ignored_fields"]
+  resp = _post(smol[1], "/v1/chat/completions", _chat(separate_reasoning=True,
+                                                      repetition_penalty=1.0))
+  assert resp.status_code == 200, resp.text
+  after = httpx.get(smol[1] + "/metrics").json()["ignored_fields"]
+  assert {k: after[k] - before.get(k, 0) for k in after} == {"repetition_penalty": 1,
+                                                             "separate_reasoning": 1}
 
 
 @pytest.mark.parametrize("name", list(MALFORMED))
@@ -383,7 +397,10 @@ def test_thinking_model_reasons_freely_then_follows_the_schema(qwen3):
   eot = chat_format.end_of_turn_id
   choice = proto.chat_choice(0, plan, _completion(tok, good, eot))
   assert choice.message.reasoning_content == "It was moving. {not json}"
+  assert choice.message.reasoning == choice.message.reasoning_content  # newer vLLM's name too
   assert json.loads(choice.message.content) == {"reason": "moving", "score": 5}
+  echoed = sm.ChatMessage(role="assistant", content="x", reasoning="why")  # a vLLM client's
+  assert echoed.reasoning_content == "why"
   # Thinking off: the template closes an empty think block and the schema applies at once.
   off = proto.plan_chat(sm.ChatCompletionRequest(
       messages=HI, response_format=fmt, chat_template_kwargs={"enable_thinking": False}))
@@ -496,3 +513,79 @@ def test_logprobs_under_a_json_schema_are_finite(client):
   entries = reply.choices[0].logprobs.content
   values = [t.logprob for e in entries for t in e.top_logprobs] + [e.logprob for e in entries]
   assert values and all(-9999.0 <= v <= 0 for v in values)
+
+
+# ---- an engine step that fails mid-batch ---------------------------------------------------
+
+
+def test_a_failed_engine_step_is_a_500_naming_it_and_the_server_recovers(monkeypatch):
+  """The first decode of all three requests together raises (in-process wrap of
+  sampler.decode): each gets the failure by name, the slots are freed, /metrics counts it,
+  and the next request is served."""
+  from trustee_jax.sampling import engine as engine_module
+  decode, fired = engine_module.sampler.decode, []
+
+  def faulty(graphdef, state, layers, cache, counts, rows, last_tok, positions, *a, **kw):
+    if not fired and int((positions >= 0).sum()) == 3:
+      fired.append(True)
+      raise RuntimeError("injected device fault")
+    return decode(graphdef, state, layers, cache, counts, rows, last_tok, positions, *a, **kw)
+
+  tok = load_tokenizer("smollm2")
+  with Engine(create_model(get_model_config("tiny-llama")), num_slots=4, cache_len=256) as eng:
+    with ServerThread(build_app(eng, ChatFormat(tok), tok, "tiny")) as server:
+      assert _post(server.url, "/v1/chat/completions", _chat()).status_code == 200  # compiled
+      monkeypatch.setattr(engine_module.sampler, "decode", faulty)
+      replies = {}
+      senders = [threading.Thread(target=lambda i=i: replies.__setitem__(i, httpx.post(
+          server.url + "/v1/chat/completions", timeout=120,
+          json=_chat(max_tokens=60, temperature=0, stream=(i == 2))))) for i in range(3)]
+      for s in senders:
+        s.start()
+      for s in senders:
+        s.join(120)
+      assert fired
+      for i in (0, 1):
+        assert replies[i].status_code == 500, replies[i].text
+        error = replies[i].json()["error"]
+        assert error["code"] == "engine_error" and error["type"] == "server_error"
+        assert "engine step failed: RuntimeError: injected device fault" in error["message"]
+      # The stream had sent its role chunk (status 200) before the failure: an error event.
+      events = [line[6:] for line in replies[2].text.splitlines() if line.startswith("data: ")]
+      assert events[-1] == "[DONE]" and "injected device fault" in events[-2], events
+      assert httpx.get(server.url + "/health").json()["status"] == "ok"
+      metrics = httpx.get(server.url + "/metrics").json()
+      assert metrics["engine_errors"] == 1 and metrics["busy_slots"] == metrics["pending"] == 0
+      after = _post(server.url, "/v1/chat/completions", _chat(max_tokens=8))
+      assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_client_that_goes_away_frees_its_slot():
+  """A non-streamed request whose client disconnects is cancelled in the engine (it would
+  otherwise decode all its max_tokens for nobody). The engine is held (decode_fn, called for
+  requests with stop strings, waits on a gate) until the server has seen the disconnect."""
+  tok, gate = load_tokenizer("smollm2"), threading.Event()
+
+  def decode(ids):
+    gate.wait()
+    return tok.decode(ids)
+
+  model = create_model(get_model_config("tiny-llama"))
+  with Engine(model, num_slots=2, cache_len=256, decode_fn=decode) as eng:
+    with ServerThread(build_app(eng, ChatFormat(tok), tok, "tiny")) as server:
+      metrics = lambda: httpx.get(server.url + "/metrics").json()  # noqa: E731
+      try:
+        with pytest.raises(httpx.ReadTimeout):
+          httpx.post(server.url + "/v1/chat/completions", timeout=2,
+                     json=_chat(max_tokens=100, stop=["@@"]))
+        deadline = time.monotonic() + 30
+        while not metrics()["client_disconnects"] and time.monotonic() < deadline:
+          time.sleep(0.1)
+        assert metrics()["busy_slots"] == 1
+      finally:
+        gate.set()
+      while metrics()["busy_slots"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+      after = metrics()
+      assert after["busy_slots"] == 0 and after["requests_cancelled"] == 1, after
+      assert after["client_disconnects"] == 1 and after["requests_done"] == 0

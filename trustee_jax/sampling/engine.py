@@ -11,6 +11,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,10 @@ from trustee_jax.models.transformer import KVCache, Transformer
 from trustee_jax.sampling import constrained, sampler
 
 MAX_TOP_LOGPROBS = 20
+_log = logging.getLogger(__name__)
+# Every counter exists from the start, so metrics() can copy them while the engine counts.
+_STATS = ("prefill_tokens", "reused_tokens", "decode_steps", "requests_done",
+          "requests_cancelled", "rejected_queue_full", "engine_errors")
 
 
 class RequestError(ValueError):
@@ -133,10 +138,10 @@ class Engine:
     self.prefill_chunk = prefill_chunk
     self.decode_fn, self.grammar = decode_fn, grammar_compiler
     self.static_batching = static_batching
-    self.cache = KVCache.zeros(cfg, num_slots, cache_len, mesh=model.mesh, rules=model.rules)
-    self.counts = jnp.zeros((num_slots, cfg.vocab_size), jnp.int32)
+    self._mesh, self._rules = model.mesh, model.rules
     self.slots = [_Slot() for _ in range(num_slots)]
-    self.stats = collections.Counter()
+    self._reset_device_state()
+    self.stats = collections.Counter(dict.fromkeys(_STATS, 0))
     self._pending: collections.deque[_Request] = collections.deque()
     self._cv = threading.Condition()
     self._clock = 0
@@ -196,6 +201,18 @@ class Engine:
       for slot in self.slots:  # caches were computed with the old weights
         slot.cached_ids = []
 
+  def metrics(self) -> dict[str, int | bool]:
+    """Load and counters for a server's metrics endpoint: busy slots, waiting requests, stats."""
+    with self._cv:
+      return {"num_slots": self.num_slots, "busy_slots": sum(s.request is not None
+                                                              for s in self.slots),
+              "pending": len(self._pending), "running": self.running, **self.stats}
+
+  @property
+  def running(self) -> bool:
+    """Whether the engine thread is alive (False once closed or if it died)."""
+    return self._thread.is_alive()
+
   def close(self) -> None:
     with self._cv:
       self._closed = True
@@ -243,10 +260,21 @@ class Engine:
         if self._busy():
           self._decode()
       except Exception as e:  # noqa: BLE001 - every in-flight request must learn of it
-        self.stats["engine_errors"] += 1
+        _log.exception("engine step failed; failing the in-flight requests")
         with self._cv:
+          self.stats["engine_errors"] += 1
           self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"),
                          pending=False)
+          self._reset_device_state()
+
+  def _reset_device_state(self) -> None:
+    """Zeroed KV cache and token counts, no resident prefixes: at start, and after a failed
+    step (it may have consumed the donated buffers or left them half written)."""
+    self.cache = KVCache.zeros(self.cfg, self.num_slots, self.cache_len, mesh=self._mesh,
+                               rules=self._rules)
+    self.counts = jnp.zeros((self.num_slots, self.cfg.vocab_size), jnp.int32)
+    for slot in self.slots:
+      slot.cached_ids = []
 
   def _busy(self) -> bool:
     return any(s.request is not None for s in self.slots)

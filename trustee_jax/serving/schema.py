@@ -1,8 +1,11 @@
 """Pydantic request and response models of the embedded server's OpenAI-compatible API.
 
-Requests name every parameter they accept (unknown ones are a 400, as on OpenAI); messages
-and tools ignore extra fields so a client can echo back a reply it received. Responses follow
-OpenAI's shapes, with SGLang's `reasoning_content` beside `content`.
+A request's unknown top-level fields (another server's extensions) are kept for the server to
+warn about and ignore, as vLLM and SGLang do; nested objects such as response_format refuse
+unknown keys (a 400); messages and tools ignore extra fields so a client can echo back a reply
+it received. Responses follow
+OpenAI's shapes, with SGLang's `reasoning_content` (and newer vLLM's `reasoning`) beside
+`content`.
 """
 import time
 from typing import Any, Literal
@@ -19,6 +22,12 @@ class _Strict(BaseModel):
 
 class _Lenient(BaseModel):
   model_config = ConfigDict(extra="ignore")
+
+
+class _Open(BaseModel):
+  """A request's top level: fields this server does not know are kept (`model_extra`) for the
+  server to warn about and ignore, as vLLM and SGLang do with each other's extensions."""
+  model_config = ConfigDict(extra="allow")
 
 
 # ---- requests -----------------------------------------------------------------------------
@@ -48,9 +57,12 @@ class ChatMessage(_Lenient):
   tool_calls: list[ToolCallIn] | None = None
   tool_call_id: str | None = None
   reasoning_content: str | None = None
+  reasoning: str | None = None  # newer vLLM's name for reasoning_content
 
   @model_validator(mode="after")
   def _needs_content(self) -> "ChatMessage":
+    if self.reasoning_content is None:
+      self.reasoning_content = self.reasoning
     if self.content is None and not (self.role == "assistant" and self.tool_calls):
       raise ValueError(f"a {self.role} message needs content")
     if self.tool_calls and self.role != "assistant":
@@ -108,7 +120,7 @@ class StreamOptions(_Lenient):
   include_usage: bool = False
 
 
-class SamplingFields(_Strict):
+class SamplingFields(_Open):
   """Parameters shared by chat and raw completions (None: the OpenAI default)."""
   model: str | None = None
   temperature: float | None = Field(None, ge=0, le=2)
@@ -229,10 +241,21 @@ class ChoiceLogprobs(BaseModel):
   content: list[TokenLogprob]
 
 
-class ResponseMessage(BaseModel):
+class _BothReasoningNames(BaseModel):
+  """Reasoning under SGLang's (and older vLLM's) `reasoning_content` and newer vLLM's
+  `reasoning`, so a client of either finds it."""
+  reasoning_content: str | None = None
+  reasoning: str | None = None
+
+  @model_validator(mode="after")
+  def _mirror(self) -> "_BothReasoningNames":
+    self.reasoning = self.reasoning_content
+    return self
+
+
+class ResponseMessage(_BothReasoningNames):
   role: Literal["assistant"] = "assistant"
   content: str | None
-  reasoning_content: str | None = None
   tool_calls: list[ToolCallOut] | None = None
 
 
@@ -270,10 +293,9 @@ class ToolCallDelta(BaseModel):
   function: FunctionCallOut
 
 
-class Delta(BaseModel):
+class Delta(_BothReasoningNames):
   role: Literal["assistant"] | None = None
   content: str | None = None
-  reasoning_content: str | None = None
   tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -6,8 +6,12 @@ unservable request gets its 400/429 as a status code; a streamed reply then send
 chunk at once and the message itself when generation has finished (the engine returns
 whole completions). Constrained output (response_format, a forced tool call) is an
 llguidance grammar that leaves a thinking model's `<think>` block free (protocol.py).
+A failed engine step is a 500 naming the cause for the requests it held (an error event in a
+stream already under way); the engine carries on. A client that disconnects has its requests
+cancelled in the engine. GET /metrics reports busy slots, the queue and the counters.
 """
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -16,7 +20,7 @@ import secrets
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import fastapi
@@ -74,11 +78,26 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
                                     else "server_error", headers=exc.headers))
 
 
-async def _await_all(futures: list[concurrent.futures.Future]) -> list[Completion]:
+class ClientGone(Exception):
+  """The client closed the connection before its reply was ready."""
+
+
+async def _await_all(futures: list[concurrent.futures.Future],
+                     disconnected: Callable[[], Awaitable[bool]] | None = None,
+                     poll_s: float = 0.25) -> list[Completion]:
+  """The completions of `futures`; an engine failure is a 500 naming it. Polls
+  `disconnected` meanwhile: a client gone cancels its requests, freeing their slots."""
+  gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
   try:
-    return [await asyncio.wrap_future(f) for f in futures]
+    while not gathered.done():
+      await asyncio.wait({gathered}, timeout=poll_s)
+      if not gathered.done() and disconnected is not None and await disconnected():
+        raise ClientGone()
+    return gathered.result()
   except EngineError as e:
     raise APIError(500, str(e), type="server_error", code="engine_error") from e
+  finally:
+    gathered.cancel()  # no-op once done; else cancels the engine requests (wrap_future chains)
 
 
 def _sse(payload: sm.BaseModel | dict) -> str:
@@ -143,17 +162,45 @@ def build_app(engine: Engine, chat_format: ChatFormat, tokenizer: Tokenizer, mod
   _install_error_handlers(app)
   v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(check_key)])
 
+  disconnects = collections.Counter()
+  ignored = collections.Counter()
+
+  def ignore_unknown_fields(req: sm.SamplingFields) -> None:
+    """Unknown top-level fields (another server's extensions) are ignored, warned about and
+    counted, as vLLM and SGLang do, rather than refused."""
+    names = sorted(req.model_extra or {})
+    if names:
+      _log.warning("ignoring request fields this server does not know: %s", names)
+      ignored.update(names)
+
   @app.get("/health")
-  async def health() -> dict[str, Any]:
-    return {"status": "ok", "model": model_name}
+  async def health() -> JSONResponse:
+    if not engine.running:
+      return JSONResponse({"status": "engine stopped", "model": model_name}, status_code=503)
+    return JSONResponse({"status": "ok", "model": model_name})
+
+  @app.get("/metrics")
+  async def metrics() -> dict[str, Any]:
+    """Engine load and counters (busy_slots, pending, engine_errors, ...) and client
+    disconnects, as JSON."""
+    return {**engine.metrics(), "client_disconnects": disconnects["total"],
+            "ignored_fields": dict(ignored)}
+
+  async def await_or_disconnect(request: fastapi.Request, futures) -> list[Completion]:
+    try:
+      return await _await_all(futures, request.is_disconnected)
+    except ClientGone as e:
+      disconnects["total"] += 1
+      raise APIError(499, "client closed the request", code="client_closed") from e
 
   @v1.get("/models")
   async def models() -> sm.ModelList:
     return sm.ModelList(data=[sm.ModelCard(id=model_name, max_model_len=engine.cache_len)])
 
   @v1.post("/chat/completions")
-  async def chat_completions(req: sm.ChatCompletionRequest):
+  async def chat_completions(req: sm.ChatCompletionRequest, request: fastapi.Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    ignore_unknown_fields(req)
 
     def prepare():
       plan = proto.plan_chat(req)
@@ -166,12 +213,13 @@ def build_app(engine: Engine, chat_format: ChatFormat, tokenizer: Tokenizer, mod
           _stream(proto.chat_opening_chunks(rid, plan), futures,
                   lambda comps: proto.chat_chunks(rid, plan, comps, include_usage)),
           media_type="text/event-stream")
-    completions = await _await_all(futures)
+    completions = await await_or_disconnect(request, futures)
     return await run_in_threadpool(proto.chat_response, rid, plan, completions)
 
   @v1.post("/completions")
-  async def completions(req: sm.CompletionRequest):
+  async def completions(req: sm.CompletionRequest, request: fastapi.Request):
     rid = f"cmpl-{uuid.uuid4().hex}"
+    ignore_unknown_fields(req)
 
     def prepare():
       plan = proto.plan_completion(req)
@@ -184,7 +232,7 @@ def build_app(engine: Engine, chat_format: ChatFormat, tokenizer: Tokenizer, mod
           _stream([], futures,
                   lambda comps: proto.completion_chunks(rid, plan, comps, include_usage)),
           media_type="text/event-stream")
-    done = await _await_all(futures)
+    done = await await_or_disconnect(request, futures)
     return await run_in_threadpool(proto.completion_response, rid, plan, done)
 
   app.include_router(v1)
