@@ -203,3 +203,21 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(tm
   restored = Checkpointer(tmp_path).restore_latest(abstract_like(state_at(0, 512)), META)
   assert restored.step == 1 and not restored.skipped
   assert_state_of(restored.state, 1, 512)
+
+
+def test_array_data_that_read_but_changed_are_caught_by_their_checksums(tmp_path):
+  """Data that decode cleanly but are not what was saved (a flipped byte inside a compressed
+  chunk, which TensorStore cannot see) fail the checksums kept in the meta: the step is set
+  aside and the one before restored."""
+  import shutil
+  ckpt = saved(tmp_path / "run", [1, 2])
+  impostor = Checkpointer(tmp_path / "other", keep=5)  # step 2 of a run whose w is all 7.0
+  impostor.save(2, {**state_at(2), "w": jnp.full((64, 64), 7.0)}, META)
+  impostor.close()
+  shutil.rmtree(tmp_path / "run" / "2" / "state")
+  shutil.copytree(tmp_path / "other" / "2" / "state", tmp_path / "run" / "2" / "state")
+  restored = ckpt.restore_latest(abstract_like(state_at(0)), META)
+  assert restored.step == 1 and "checksums" in restored.skipped[0][1]
+  assert "['w']" in restored.skipped[0][1] and "['b']" not in restored.skipped[0][1]
+  assert_state_of(restored.state, 1)
+  ckpt.close()

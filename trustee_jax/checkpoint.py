@@ -4,7 +4,8 @@ Saves are atomic (Orbax writes a temporary directory and renames it when complet
 run killed mid-save (async saves included) leaves the previous checkpoint as the newest
 complete one. A failed save raises CheckpointSaveError naming the step's directory (disk full
 said plainly). A resume takes the newest checkpoint that reads: an unreadable newer one
-(truncated or corrupted files) is warned about by step and set aside as STEP.unreadable. A restore
+(truncated or corrupted files, or array data that fail the checksums kept in its meta) is warned
+about by step and set aside as STEP.unreadable. A restore
 checks the saved model config against the running one and refuses a mismatch by name, and
 then every other config field: a resumed run with another seed, learning rate or group size
 would otherwise carry on silently as if it were the same run.
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from trustee_jax import runtime
@@ -99,6 +102,46 @@ class Restored:
   skipped: tuple[tuple[int, str], ...]  # (step, why), newest first; each was set aside
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+@jax.jit
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 sums (both wrap) of a hash of each element's bits with its row-major index, and
+  of the bits alone: a changed element (a flipped bit) or two swapped ones change the first
+  with probability 1 - 2**-32. Reduced by XLA across the leaf's shards, so every process gets
+  the same numbers without gathering the array."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+  bits = bits.astype(jnp.uint32)
+  pos = jnp.zeros(x.shape, jnp.uint32)  # the row-major index, mod 2**32
+  strides = np.cumprod((1, *x.shape[:0:-1]))[::-1] if x.ndim else ()
+  for axis, stride in enumerate(strides):
+    pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(
+        int(stride) % 2**32)
+  mixed = _fmix32(_fmix32(bits) ^ (pos * jnp.uint32(0x9E3779B9)))
+  return jnp.stack([jnp.sum(mixed), jnp.sum(bits)])
+
+
+def checksums(state: Any) -> dict[str, list[int]]:
+  """Leaf path -> its two checksums (_leaf_checksum); saved in a checkpoint's meta, because
+  Orbax and TensorStore keep none of array data (a flipped byte would restore as wrong values)."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  sums = jax.device_get([_leaf_checksum(x) for _, x in leaves])
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(c)]
+          for (path, _), c in zip(leaves, sums)}
+
+
 def is_disk_full(error: BaseException) -> bool:
   """Whether ENOSPC is anywhere in the error's chain (Orbax wraps it; TensorStore words it)."""
   seen, todo = set(), [error]
@@ -134,6 +177,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Saves `step`, first waiting for (and raising the error of) the save in flight."""
     self.wait()
+    meta = {**meta, "checksums": checksums(state)}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -191,6 +235,15 @@ class Checkpointer:
       raise CheckpointStateError(
           f"checkpoint {self.directory}/{step} does not match the running state or is "
           f"damaged: {e}") from e
+    want = meta.get("checksums")  # absent from checkpoints written before they were kept
+    if want is not None:
+      got = checksums(restored)
+      bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+      if bad:
+        raise CheckpointStateError(
+            f"checkpoint {self.directory}/{step} is damaged: its data do not match the "
+            f"checksums saved with it in {bad[:8]}") from ValueError(
+                f"its array data do not match the checksums saved with it in {bad[:8]}")
     return restored, meta
 
   def restore_latest(self, abstract_state: Any, expected_meta: dict[str, Any],
@@ -199,8 +252,8 @@ class Checkpointer:
     """The newest checkpoint that restores (None: there is none). An unreadable one (truncated
     or corrupted files) is warned about, set aside as STEP.unreadable and the one before tried;
     a config refusal is raised at once. None readable: an error listing every step and why.
-    TensorStore keeps no checksum of array data: a flipped byte inside a compressed chunk can
-    restore as wrong values, unseen; truncation and damaged index or metadata files are seen."""
+    Array data are checked against the checksums saved in the meta (TensorStore keeps none), so
+    a flipped byte inside a compressed chunk is seen too."""
     self.manager.reload()
     steps = sorted(self.manager.all_steps(), reverse=True)
     skipped: list[tuple[int, str]] = []
