@@ -129,6 +129,8 @@ def test_every_shipped_config_has_budgets_that_fit(name):
 
 
 @pytest.mark.parametrize("key,value,match", [
+    ("train.steps", -1, "train.steps must be at least 1"),
+    ("train.micro_batch", 0, "train.micro_batch must be at least 1"),
     ("engine.cache_len", 1024, "engine.cache_len"),
     ("train.length_buckets", (512, 1024), "length_buckets"),
     ("rollout.max_turn_tokens", 1536, "max_turn_tokens")])
