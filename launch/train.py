@@ -57,6 +57,19 @@ def main(argv):
   print(f"  TensorBoard   tensorboard --logdir {workdir / 'tb'}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a --config override naming a field that does not exist (or of
+  the wrong shape) said in one line instead of ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    inner = e.args[0] if e.args else e  # ml_collections wraps a KeyError in the AttributeError
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    message = str(inner).replace("\n", " ")
+    sys.exit(f"launch/train.py: a --config override names no config field: {message}")
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
