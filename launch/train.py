@@ -58,10 +58,12 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a --config override naming a field that does not exist (or of
-  the wrong shape) said in one line instead of ml_collections' traceback."""
+  """absl's flag parsing, with a bad flag (a --config override naming no field, a value of the
+  wrong type) said in one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type, a missing required flag
+    sys.exit(f"launch/train.py: {e}")
   except (KeyError, AttributeError) as e:
     inner = e.args[0] if e.args else e  # ml_collections wraps a KeyError in the AttributeError
     while isinstance(inner, BaseException) and inner.args:
