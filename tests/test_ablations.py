@@ -106,6 +106,7 @@ def test_episode_hands_each_role_its_ablated_view():
   for role, seen in roles.seen.items():
     want = {f for fields, rs in rollout.ABLATIONS.values() if role in rs for f in fields}
     assert changed(task, seen) == want, role
+    assert seen.affinity == f"{task.task_id}/0"  # the episode's calls stay on one server
   # The policy's prompt is the task's own, ablation or not.
   assert tok.decode(policy.calls[0][0]).count(task.first_user_query) == 1
 

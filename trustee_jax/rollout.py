@@ -235,7 +235,8 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
     raise PromptTooLongError(
         f"task {task_index}: its prompt ({len(seq.tokens)} tokens, {len(tools)} tools) leaves no "
         f"room for a turn within rollout.max_episode_tokens={cfg.max_episode_tokens}")
-  user_task, tool_task, judge_task = (role_task(task, r, cfg.ablate)
+  conversation = dataclasses.replace(task, conversation_id=f"{task.task_id}/{episode_index}")
+  user_task, tool_task, judge_task = (role_task(conversation, r, cfg.ablate)
                                        for r in ("user", "tools", "judge"))
   seen = (lambda ms: list(ms)) if cfg.show_reasoning else hide_reasoning  # noqa: E731
   ledger = ToolLedger.for_task(task)

@@ -370,14 +370,14 @@ class Judge:
         return Judgement(decided, describe(check), (decided,), parts)
     if self.cfg.mode == "questions":
       prompts = self.question_prompts(task, messages, n)
-      votes_at = lambda s: self._questions_vote(prompts, n, s, task.task_id)
+      votes_at = lambda s: self._questions_vote(prompts, n, s, task.affinity)
     else:
       blend = self.cfg.mode == "blend"
       criteria = [CONVERSATION[i] for i in range(n) if i in CONVERSATION] if blend else None
       prompt = self.prompt(task, messages, n, criteria)
       schema = judge_schema(n if criteria is None else len(criteria), self.cfg.max_reason_chars,
                             criteria_met=self.cfg.asks_criteria)
-      votes_at = lambda s: self._vote(prompt, schema, s, task.task_id)
+      votes_at = lambda s: self._vote(prompt, schema, s, task.affinity)
     results = await asyncio.gather(*(votes_at(retry_seed(seed, k))
                                      for k in range(self.cfg.num_votes)))
     votes = [s for s, _ in results]

@@ -53,6 +53,14 @@ class Task:
   system_prompt: str
   oracle: dict[str, Any] = dataclasses.field(default_factory=dict)  # rule-based doubles only
   expected_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # name, arguments
+  # One episode's conversation (rollout sets it on the roles' view): its simulator calls go to
+  # one server, whose prefix cache then keeps the conversation from turn to turn.
+  conversation_id: str = ""
+
+  @property
+  def affinity(self) -> str:
+    """The key that pins this conversation's simulator calls to one URL."""
+    return self.conversation_id or self.task_id
 
   @property
   def tool_names(self) -> list[str]:

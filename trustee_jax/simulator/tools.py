@@ -177,7 +177,7 @@ class ToolSimulator:
                     messages: list[dict[str, Any]] | None) -> ToolResult:
     raw = await self.client.chat_json(
         [{"role": "user", "content": self.prompt(task, ledger, call, messages)}], self._schema,
-        role="tool", seed=seed, affinity=task.task_id, **sampling_kwargs(self.cfg))
+        role="tool", seed=seed, affinity=task.affinity, **sampling_kwargs(self.cfg))
     content = truncate(str(raw["result"]), self.cfg.max_result_chars, self.cfg.truncate_side)
     return ToolResult(content=content, reward=int(raw["reward"]), valid=True)
 

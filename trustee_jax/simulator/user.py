@@ -67,6 +67,6 @@ class UserSimulator:
                        f"is {messages[-1] if messages else None!r}")
     raw = await self.client.chat_json([{"role": "user", "content": self.prompt(task, messages)}],
                                       self._schema, role="user", seed=seed,
-                                      affinity=task.task_id, **sampling_kwargs(self.cfg))
+                                      affinity=task.affinity, **sampling_kwargs(self.cfg))
     response = str(raw["response"]).strip()
     return UserReply(response=response, reward=int(raw["reward"]), ended=not response)
