@@ -201,10 +201,9 @@ def extract_json(content: str, reasoning_content: str | None = None) -> Any:
   whole answer in the reasoning). Raises ValueError when there is no JSON to be found.
   """
   text = content if content.strip() else (reasoning_content or "")
-  if _THINK_END in text:
-    text = text.rsplit(_THINK_END, 1)[1]
-  elif text.lstrip().startswith("<think>"):
+  if _THINK_END not in text and text.lstrip().startswith("<think>"):
     raise ValueError("the reply is an unfinished <think> block")
+  text = _after_thinking(text)
   fence = _FENCE.search(text)
   if fence:
     text = fence.group(1)
