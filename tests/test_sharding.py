@@ -222,7 +222,7 @@ def eight_devices() -> dict:
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
   for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes"):  # the suite's cache, as conftest
+               "jax_persistent_cache_min_entry_size_bytes"):  # conftest's cache, if on
     if getattr(jax.config, flag) is not None:
       env[flag.upper()] = str(getattr(jax.config, flag))
   proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
