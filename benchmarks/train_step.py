@@ -22,8 +22,9 @@ Parity: the loss of the first update (same params) must agree on both sides.
 Achieved FLOP/s counts the model's matmul FLOPs of forward + backward (3x the forward's:
 projections, MLP, unembedding, attention over the whole square), not any recompute, as a
 fraction of this machine's plain f32 matmul FLOP/s (best of jnp.dot and torch.matmul at 2048^2,
-measured in the same run). For scale: Tunix's GRPO loss did ~120 tokens/s on this shape on a
-2-core machine of this kind. The last line is one JSON object.
+measured in the same run). Tunix is compared in its own same-run benchmark
+(`benchmarks/peers/tunix_compare.py`), not against a remembered figure. The last line is one JSON
+object.
 """
 import argparse
 import json
@@ -49,7 +50,6 @@ from trustee_jax import grpo, step_batch, update  # noqa: E402
 from trustee_jax.models import model_configs, packaged, weights  # noqa: E402
 from trustee_jax.models.transformer import ModelConfig  # noqa: E402
 
-TUNIX_TOKENS_PER_S = 120.0
 CLIP, DUAL_CLIP, LR, WEIGHT_DECAY, GRAD_CLIP = 0.2, 3.0, 1e-6, 0.01, 1.0
 
 
@@ -305,8 +305,7 @@ def main() -> None:
   if split:
     out["jax_breakdown"] = split
   out["jax_over_torch"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
-  out["jax_over_tunix_reference"] = out["jax"]["tokens_per_s"] / TUNIX_TOKENS_PER_S
-  out["aim_met"] = out["jax_over_torch"] > 1 and out["jax_over_tunix_reference"] > 1
+  out["aim_met"] = out["jax_over_torch"] > 1
   common.emit(out)
 
 
