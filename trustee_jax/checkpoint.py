@@ -38,7 +38,8 @@ RESUMABLE_CHANGES = ("train.steps", "log.*", "validation.every", "checkpoint.*",
                      "rollout_concurrency", "mesh.shape", "distributed.*", "resume.*",
                      "simulator.urls", "simulator.port", "simulator.api_key",
                      "simulator.log_dir", "simulator.timeout_s", "simulator.startup_timeout_s",
-                     "model.attention_impl", "hardware.allow_cpu")  # same numerics; a CPU smoke run
+                     "model.attention_impl", "hardware.allow_cpu",  # same numerics; CPU smoke
+                     "engine.kv_layout", "engine.block_size", "engine.num_blocks")  # same tokens
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

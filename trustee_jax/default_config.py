@@ -41,8 +41,11 @@ def default_config() -> ml_collections.ConfigDict:
       remat_policy="full",  # recompute each layer in the backward: activations of one layer
       attention_impl="einsum"))  # einsum | xla | cudnn | splash | auto (models/attention.py)
   # unstack_layers: decode reads a per-layer copy of the weights (faster, one more copy).
+  # kv_layout: dense (a cache_len row per slot) | paged (one pool of block_size-token blocks,
+  # num_blocks of them, 0: the dense cache's memory; shared prompt prefixes are computed once).
   c.engine = ml_collections.ConfigDict(dict(num_slots=16, cache_len=2048, decode_chunk=8,
-                                            unstack_layers=True))
+                                            unstack_layers=True, kv_layout="dense",
+                                            block_size=16, num_blocks=0))
 
   # The frozen LM world. mode: embedded (a server this run starts) | url (SGLang) | doubles.
   # backend (embedded only): jax (python -m trustee_jax.serving) | llamacpp (`processes`

@@ -131,6 +131,8 @@ class Trainer:
                          num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
                          decode_chunk=cfg.engine.decode_chunk,
                          unstack_layers=cfg.engine.get("unstack_layers", True),
+                         kv_layout=cfg.engine.kv_layout, block_size=cfg.engine.block_size,
+                         num_blocks=cfg.engine.num_blocks or None,
                          decode_fn=self.tokenizer.decode)
     self.world = world
     logdir = self.workdir if self.info.is_primary else self.workdir / f"process_{self.info.index}"

@@ -16,6 +16,7 @@ from flax import nnx
 
 from trustee_jax import sharding as shd
 from trustee_jax.models import attention as attn_lib
+from trustee_jax.models import paged_cache as paged_lib
 
 Array = jax.Array
 
@@ -247,10 +248,11 @@ class Transformer(nnx.Module):
       out.append({**fused, **p})
     return tuple(out)
 
-  def hidden_states(self, tokens: Array, positions: Array, cache: KVCache | None = None, *,
+  def hidden_states(self, tokens: Array, positions: Array,
+                    cache: KVCache | paged_lib.PagedKVCache | None = None, *,
                     cache_rows: Array | None = None, attend_len: int | None = None,
                     layers: tuple[dict[str, Array], ...] | None = None
-                    ) -> tuple[Array, KVCache | None]:
+                    ) -> tuple[Array, KVCache | paged_lib.PagedKVCache | None]:
     """Final-normed hidden states [B, T, hidden] (for chunked log-probs) and the cache.
 
     With a cache, row b of the input reads and writes cache row `cache_rows[b]` (default
@@ -258,7 +260,8 @@ class Transformer(nnx.Module):
     picks a bucket just past the longest live position, so a short request does not pay
     for a long cache. `layers` (from `unstacked_layers`) runs the layers unrolled over those
     arrays instead of scanned over the stacked ones: a scan copies each layer's weight slice
-    before its matmuls, which doubles a memory-bound decode step's traffic.
+    before its matmuls, which doubles a memory-bound decode step's traffic. A PagedKVCache
+    (paged_cache.py) is read and written through the block table rows `cache_rows`.
     """
     cfg = self.cfg
     cdt = jnp.dtype(cfg.dtype)
@@ -272,6 +275,8 @@ class Transformer(nnx.Module):
       mask = attn_lib.cache_attention_mask(positions, attend_len)
       write_pos = jnp.where(positions >= 0, positions, cache.length)  # padding is dropped
       rows = jnp.arange(tokens.shape[0]) if cache_rows is None else cache_rows
+    paged = isinstance(cache, paged_lib.PagedKVCache)
+    tables = cache.block_table[rows] if paged else None
 
     def block(carry, lp):
       x, layer, ck, cv = carry
@@ -293,7 +298,11 @@ class Transformer(nnx.Module):
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
-      if ck is not None:
+      if paged:
+        ck, cv, k, v = paged_lib.write_and_gather(ck, cv, layer, tables, positions, k, v,
+                                                  attend_len)
+        k, v = k.astype(cdt), v.astype(cdt)
+      elif ck is not None:
         ck = ck.at[layer, rows[:, None], write_pos].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[layer, rows[:, None], write_pos].set(v.astype(cv.dtype), mode="drop")
         k, v = ck[layer, :, :attend_len], cv[layer, :, :attend_len]
@@ -328,6 +337,8 @@ class Transformer(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if cache is None:
       return x, None
+    if paged:
+      return x, cache.replace(k=ck, v=cv)
     return x, KVCache(k=self._constrain(ck, CACHE_AXES), v=self._constrain(cv, CACHE_AXES))
 
   def __call__(self, tokens: Array, positions: Array, cache: KVCache | None = None,

@@ -6,6 +6,11 @@ every busy slot. A finished request frees its slot at once but leaves its KV cac
 behind: a later request whose prompt starts with those tokens (the next turn of the same
 conversation) is placed in that slot and only its new tokens are prefilled. A slot's
 cache is lost when another request takes the slot; the next turn is then re-prefilled.
+
+With kv_layout="paged" the slots share one pool of fixed-size KV blocks instead
+(paged_slots.py): a request is admitted while blocks for its prompt and max_new_tokens are
+free (it queues otherwise), and shares the full prompt blocks already computed, by any
+request, the last turn of its conversation or its task's other episodes.
 """
 import asyncio
 import collections
@@ -21,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from trustee_jax.models.transformer import KVCache, Transformer
-from trustee_jax.sampling import constrained, sampler
+from trustee_jax.sampling import constrained, paged_slots, sampler
 
 MAX_TOP_LOGPROBS = 20
 _log = logging.getLogger(__name__)
@@ -123,10 +128,20 @@ class Engine:
                decode_chunk: int = 8, prefill_chunk: int = 512, max_queue: int = 4096,
                decode_fn: Callable[[list[int]], str] | None = None,
                grammar_compiler: constrained.GrammarCompiler | None = None,
-               static_batching: bool = False, unstack_layers: bool = True, seed: int = 0):
+               static_batching: bool = False, unstack_layers: bool = True, seed: int = 0,
+               kv_layout: str = "dense", block_size: int = 16, num_blocks: int | None = None):
+    """kv_layout "dense" gives each slot a cache_len row; "paged" a share of `num_blocks`
+    blocks of `block_size` tokens (default: the dense cache's memory)."""
     cfg = model.cfg
     if cache_len > cfg.max_position_embeddings:
       raise ValueError(f"cache_len {cache_len} > model context {cfg.max_position_embeddings}")
+    if kv_layout not in ("dense", "paged"):
+      raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
+    if kv_layout == "paged" and model.mesh is not None:
+      raise ValueError("kv_layout 'paged' runs on one device so far; use 'dense' on a mesh")
+    self._paged = None if kv_layout == "dense" else paged_slots.PagedSlots(
+        cfg, num_slots=num_slots, cache_len=cache_len, block_size=block_size,
+        num_blocks=num_slots * cache_len // block_size if num_blocks is None else num_blocks)
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
     # Decode reads each layer's weights as its own buffer (one extra copy of the layer
@@ -200,13 +215,17 @@ class Engine:
       self.state, self.layers = state, layers
       for slot in self.slots:  # caches were computed with the old weights
         slot.cached_ids = []
+      if self._paged is not None:
+        self._paged.drop_prefixes_later()
 
   def metrics(self) -> dict[str, int | bool]:
     """Load and counters for a server's metrics endpoint: busy slots, waiting requests, stats."""
     with self._cv:
+      blocks = {} if self._paged is None else {
+          f"kv_blocks_{k}": v for k, v in dataclasses.asdict(self._paged.usage()).items()}
       return {"num_slots": self.num_slots, "busy_slots": sum(s.request is not None
                                                               for s in self.slots),
-              "pending": len(self._pending), "running": self.running, **self.stats}
+              "pending": len(self._pending), "running": self.running, **blocks, **self.stats}
 
   @property
   def running(self) -> bool:
@@ -238,6 +257,10 @@ class Engine:
       raise RequestError(
           f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
           f"context of {self.cache_len} tokens")
+    if self._paged is not None and (self._paged.blocks_for(len(prompt) + p.max_new_tokens)
+                                    > self._paged.num_blocks):
+      raise RequestError(f"prompt + max_new_tokens need more than the {self._paged.num_blocks} "
+                         f"KV blocks of the pool")
     if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
       raise RequestError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -270,8 +293,12 @@ class Engine:
   def _reset_device_state(self) -> None:
     """Zeroed KV cache and token counts, no resident prefixes: at start, and after a failed
     step (it may have consumed the donated buffers or left them half written)."""
-    self.cache = KVCache.zeros(self.cfg, self.num_slots, self.cache_len, mesh=self._mesh,
-                               rules=self._rules)
+    if self._paged is None:
+      self.cache = KVCache.zeros(self.cfg, self.num_slots, self.cache_len, mesh=self._mesh,
+                                 rules=self._rules)
+    else:
+      self._paged.reset()
+      self.cache = self._paged.new_cache()
     self.counts = jnp.zeros((self.num_slots, self.cfg.vocab_size), jnp.int32)
     for slot in self.slots:
       slot.cached_ids = []
@@ -280,16 +307,19 @@ class Engine:
     return any(s.request is not None for s in self.slots)
 
   def _fail_all(self, error: Exception, pending: bool = True) -> None:
-    for slot in self.slots:
+    for slot_id, slot in enumerate(self.slots):
       if slot.request is not None:
         _resolve(slot.request.future, error=error)
         slot.request, slot.cached_ids = None, []
+        self._release(slot_id)
     while pending and self._pending:
       _resolve(self._pending.popleft().future, error=error)
 
   def _take_admissions(self) -> list[tuple[int, _Request, int]]:
     if self.static_batching and self._busy():
       return []
+    if self._paged is not None:
+      return self._take_paged_admissions()
     admitted = []
     while self._pending:
       free = [i for i, s in enumerate(self.slots) if s.request is None]
@@ -304,6 +334,30 @@ class Engine:
       self.slots[slot_id].request = req
       admitted.append((slot_id, req, reuse))
     return admitted
+
+  def _take_paged_admissions(self) -> list[tuple[int, _Request, int]]:
+    """Admits waiting requests in order into free slots while the block pool has room."""
+    admitted, computing = [], set()
+    free = [i for i, s in enumerate(self.slots) if s.request is None]
+    while self._pending and free:
+      req = self._pending[0]
+      reuse = self._paged.admit(free[0], req.prompt, len(req.prompt) + req.params.max_new_tokens,
+                                computing)
+      if reuse is None:
+        break
+      slot_id = free.pop(0)
+      self.slots[slot_id].request = self._pending.popleft()
+      admitted.append((slot_id, req, reuse))
+    return admitted
+
+  def _release(self, slot_id: int) -> None:
+    """Returns a slot's KV blocks to the pool (paged layout; a dense slot keeps its row)."""
+    if self._paged is not None:
+      self._paged.release(slot_id)
+
+  def _device_cache(self):
+    """The cache to pass to a step: the paged one carries the slots' current block tables."""
+    return self.cache if self._paged is None else self._paged.with_tables(self.cache)
 
   def _row_sampling(self, reqs: list[_Request | None], gen_index: list[int]):
     def arr(f, dtype):
@@ -343,7 +397,7 @@ class Engine:
     while len(req.prompt) - start > self.prefill_chunk:
       end = start + self.prefill_chunk
       self.cache = sampler.fill_cache(
-          self.graphdef, self.state, self.cache,
+          self.graphdef, self.state, self._device_cache(),
           jnp.asarray([req.prompt[start:end]], jnp.int32),
           jnp.arange(start, end, dtype=jnp.int32)[None], jnp.asarray([slot_id], jnp.int32),
           attend_len=_bucket(end, 128, self.cache_len))
@@ -376,23 +430,26 @@ class Engine:
       attend = _bucket(max(len(r.prompt) for r in reqs if r), 128, self.cache_len)
       use_filter, n_top = self._flags(reqs)
       self.cache, self.counts, out = sampler.prefill(
-          self.graphdef, self.state, self.cache, self.counts, jnp.asarray(tokens),
+          self.graphdef, self.state, self._device_cache(), self.counts, jnp.asarray(tokens),
           jnp.asarray(positions), jnp.asarray(rows), jnp.asarray(last),
           self._row_sampling(reqs, [0] * n), self._bitmask(reqs),
           attend_len=attend, use_filter=use_filter, n_top=n_top)
       toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
       for i, (slot_id, req, _) in enumerate(group):
         slot = self.slots[slot_id]
+        if self._paged is not None:
+          self._paged.commit(slot_id, req.prompt[req.cached:])
         slot.cached_ids = list(req.prompt)
         slot.position = len(req.prompt)
         self._record(slot, int(toks[i]), float(lps[i]), top_ids[i], top_lps[i])
 
   def _drop_cancelled(self) -> None:
     """Frees the slots of requests whose callers cancelled them (e.g. a client disconnect)."""
-    for slot in self.slots:
+    for slot_id, slot in enumerate(self.slots):
       if slot.request is not None and slot.request.future.cancelled():
         self.stats["requests_cancelled"] += 1
         slot.request, slot.cached_ids = None, []
+        self._release(slot_id)
 
   def _decode(self) -> None:
     self._drop_cancelled()
@@ -416,8 +473,8 @@ class Engine:
     attend = _bucket(int(positions.max()) + steps, 128, self.cache_len)
     use_filter, n_top = self._flags(batch)
     self.cache, self.counts, out = sampler.decode(
-        self.graphdef, self.state, self.layers, self.cache, self.counts, jnp.asarray(rows),
-        jnp.asarray(last_tok), jnp.asarray(positions),
+        self.graphdef, self.state, self.layers, self._device_cache(), self.counts,
+        jnp.asarray(rows), jnp.asarray(last_tok), jnp.asarray(positions),
         self._row_sampling(batch, [len(r.tokens) if r else 0 for r in batch]),
         self._bitmask(batch), steps=steps, attend_len=attend, use_filter=use_filter,
         n_top=n_top, **self._decode_flags([r for _, r in live]))
@@ -427,6 +484,8 @@ class Engine:
       slot = self.slots[i]
       for k in range(steps):
         slot.cached_ids.append(slot.request.tokens[-1])
+        if self._paged is not None:
+          self._paged.commit(i, slot.request.tokens[-1:])
         slot.position += 1
         if self._record(slot, int(toks[j, k]), float(lps[j, k]), top_ids[j, k], top_lps[j, k]):
           break
@@ -460,6 +519,7 @@ class Engine:
     self._clock += 1
     slot.last_used = self._clock
     slot.request = None
+    self._release(self.slots.index(slot))
     self.stats["requests_done"] += 1
     _resolve(req.future, Completion(
         prompt_ids=req.prompt, tokens=req.tokens, logprobs=req.logprobs,

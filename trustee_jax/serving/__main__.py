@@ -39,6 +39,9 @@ _NUM_SLOTS = flags.DEFINE_integer("num_slots", 16, "Requests decoded together.")
 _CACHE_LEN = flags.DEFINE_integer("cache_len", 4096, "Context per slot (prompt + reply).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 4096, "Waiting requests before 429s.")
 _DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 8, "Decode steps per engine step.")
+_KV_LAYOUT = flags.DEFINE_enum("kv_layout", "dense", ["dense", "paged"],
+                               "KV cache: a row per slot, or one pool of blocks shared by all "
+                               "(a prompt prefix already computed is reused).")
 _MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", None, "Cap on replies that name no "
                                    "max_tokens (default: the rest of the context).")
 _PARENT_PID = flags.DEFINE_integer("parent_pid", None, "Exit when this process dies.")
@@ -56,7 +59,7 @@ def main(argv):
   sim = load_simulator(_MODEL.value, _TOKENIZER.value, served_name=_SERVED_NAME.value,
                        num_slots=_NUM_SLOTS.value, cache_len=_CACHE_LEN.value,
                        max_queue=_MAX_QUEUE.value, decode_chunk=_DECODE_CHUNK.value,
-                       dtype=_DTYPE.value)
+                       dtype=_DTYPE.value, kv_layout=_KV_LAYOUT.value)
   api_key = _API_KEY.value or os.environ.get("TRUSTEE_SIMULATOR_API_KEY")
   server = ServerThread(sim.app(api_key, default_max_tokens=_MAX_TOKENS.value), _HOST.value,
                         _PORT.value, graceful_timeout_s=_GRACE.value,

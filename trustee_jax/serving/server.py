@@ -338,7 +338,7 @@ class Simulator:
 def load_simulator(model: str = "smollm2", tokenizer: str | None = None, *,
                    served_name: str | None = None, num_slots: int = 16, cache_len: int = 4096,
                    max_queue: int = 4096, decode_chunk: int = 8, seed: int = 0,
-                   dtype: str | None = None) -> Simulator:
+                   dtype: str | None = None, kv_layout: str = "dense") -> Simulator:
   """The model to serve, named as `models.loading` names it (a packaged GGUF, a Hugging Face
   directory, or a named random shape), with its weights and compute in `dtype` if given."""
   net, tok = loading.load_model_and_tokenizer(model, tokenizer or "", param_dtype=dtype,
@@ -349,5 +349,5 @@ def load_simulator(model: str = "smollm2", tokenizer: str | None = None, *,
   grammar = GrammarCompiler(tok.llguidance_tokenizer(vocab), vocab)
   engine = Engine(net, num_slots=num_slots, cache_len=cache_len, max_queue=max_queue,
                   decode_chunk=decode_chunk, decode_fn=tok.decode, grammar_compiler=grammar,
-                  seed=seed)
+                  seed=seed, kv_layout=kv_layout)
   return Simulator(engine, ChatFormat(tok), tok, served_name or model)
