@@ -403,3 +403,21 @@ def test_a_failed_step_fails_its_batch_then_the_engine_serves_again(monkeypatch)
     assert metrics["running"]
     # A fresh cache replaced the consumed one: the same requests give the same tokens again.
     assert [c.tokens for c in eng.generate(prompts, greedy)] == before
+
+
+def test_a_weight_swap_mid_request_leaves_nothing_to_reuse(smol, prompt_ids):
+  """A request still decoding when the weights change finishes, but its slot's cache then mixes
+  keys of both weights (and its token list no longer starts at position 0): none of it may be
+  offered to a later prompt."""
+  with _fresh(smol) as eng:
+    future = eng.submit(prompt_ids[0], _greedy(160))
+    deadline = time.monotonic() + 120
+    while eng.metrics()["busy_slots"] == 0 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    eng.update_params(eng.state)
+    assert not future.done(), "the request ended before the swap: the test proves nothing"
+    done = future.result(timeout=300)
+    assert len(done.tokens) == 160
+    assert [s.cached_ids for s in eng.slots] == [[]] * NUM_SLOTS
+    again = eng.generate([prompt_ids[0] + done.tokens], _greedy(2))[0]
+    assert again.cached_tokens == 0

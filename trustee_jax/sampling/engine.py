@@ -94,6 +94,7 @@ class _Slot:
   request: _Request | None = None
   position: int = -1  # where the last sampled token will be written
   last_used: int = 0
+  stale: bool = False  # the weights changed mid-request: its cache is not reused afterwards
 
 
 def _resolve(future: concurrent.futures.Future, result=None, error=None) -> None:
@@ -214,7 +215,7 @@ class Engine:
     with self._cv:
       self.state, self.layers = state, layers
       for slot in self.slots:  # caches were computed with the old weights
-        slot.cached_ids = []
+        slot.cached_ids, slot.stale = [], slot.request is not None
       if self._paged is not None:
         self._paged.drop_prefixes_later()
 
@@ -519,6 +520,8 @@ class Engine:
     self._clock += 1
     slot.last_used = self._clock
     slot.request = None
+    if slot.stale:  # positions written before the weight swap hold the old weights' keys
+      slot.cached_ids, slot.stale = [], False
     self._release(self.slots.index(slot))
     self.stats["requests_done"] += 1
     _resolve(req.future, Completion(
