@@ -373,3 +373,18 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_damaged_one_is_ski
   assert checkpoint_steps(tmp_path) == [stop + 2, stop + 3]
   assert (tmp_path / "checkpoints" / f"{stop + 2}.unreadable").is_dir()
   assert scalar_steps(tmp_path / "tb", "checkpoint/unreadable_skipped") == [stop + 1]
+
+
+def test_a_paged_engine_trains_the_step_the_dense_one_does(tmp_path):
+  """engine.kv_layout only changes where the KV cache lives: the same step samples the same
+  episodes and computes the same update."""
+  overrides = {"train.steps": 1, "validation.every": 0, "rollout_concurrency": 1}
+  runs = {}
+  for layout in ("dense", "paged"):
+    last = train.train(load_config("test", **{**overrides, "engine.kv_layout": layout}),
+                       tmp_path / layout)
+    runs[layout] = (last, (tmp_path / layout / "episodes" / "step_1.jsonl").read_text())
+  assert runs["paged"][1] == runs["dense"][1]
+  for tag in ("reward/mean", "train/loss", "train/grad_norm", "episodes/response_tokens"):
+    assert runs["paged"][0][tag] == pytest.approx(runs["dense"][0][tag], rel=1e-5, abs=1e-6), tag
+  assert runs["dense"][0]["train/nonzero_advantage_frac"] > 0  # the coin judge: a real update
