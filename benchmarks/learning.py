@@ -11,7 +11,9 @@ advantage's sign flipped) and "permute_rewards" (the step's rewards shuffled acr
 Validation is greedy on a fixed held-out set at a fixed level, before training and every
 `validation.every` steps, never trained on.
 
-Reads each run's TensorBoard events back, writes a PNG of the curves (`--plot`), and prints one
+`--report_only` runs nothing: it reads the arms already in `--out` (e.g. arms run as separate
+invocations, side by side, each with `--arms ARM --out DIR` into the same DIR). Reads each run's
+TensorBoard events back, writes a PNG of the curves (`--plot`), and prints one
 JSON object last: per-step reward, success, level and zero-variance share, validation success
 before and after, wall time, and whether the claims hold (held-out success up by at least 0.3,
 level up by at least 3 curriculum steps, both controls within noise of their start).
@@ -49,7 +51,17 @@ def run_arm(policy: str, arm: str, steps: int, out: pathlib.Path, extra: list[st
   if proc.returncode != 0:
     raise RuntimeError(f"{policy}/{arm or 'run'} exited {proc.returncode}:\n"
                        f"{(proc.stdout + proc.stderr)[-3000:]}")
-  return {"wall_s": round(wall, 1), "curves": scalar_series(workdir / "tb", TAGS)}
+  (workdir / "wall_s.txt").write_text(f"{wall:.1f}\n")
+  return read_arm(workdir)
+
+
+def read_arm(workdir: pathlib.Path) -> dict:
+  """A finished arm's curves (its TensorBoard events) and wall time."""
+  if not (workdir / "tb").is_dir():
+    raise FileNotFoundError(f"no finished arm in {workdir} (no tb/): run it first")
+  wall = workdir / "wall_s.txt"
+  return {"wall_s": float(wall.read_text()) if wall.exists() else None,
+          "curves": scalar_series(workdir / "tb", TAGS)}
 
 
 def summary(arm: dict, level_step: int) -> dict:
@@ -100,6 +112,8 @@ def main():
   p.add_argument("--out", default=str(REPO / "runs" / "learning"))
   p.add_argument("--plot", default=str(REPO / "benchmarks" / "learning.png"))
   p.add_argument("--level_step", type=int, default=3, help="the curriculum's step size")
+  p.add_argument("--report_only", action="store_true",
+                 help="train nothing: report the arms already in --out")
   args, overrides = p.parse_known_args()  # the rest: --config.* flags for every run
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
@@ -110,6 +124,9 @@ def main():
   for policy in args.policies.split(","):
     results[policy] = {}
     for arm in arms:
+      if args.report_only:
+        results[policy][arm or "run"] = read_arm(out / policy / (arm or "run"))
+        continue
       print(f"== {policy} / {arm or 'run'}: {args.steps} steps", flush=True)
       results[policy][arm or "run"] = run_arm(policy, arm, args.steps, out, overrides)
       s = summary(results[policy][arm or "run"], args.level_step)
