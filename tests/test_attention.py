@@ -3,15 +3,26 @@
 Covered: GQA (4 query heads on 2 KV heads), left-padded (prefill) and right-padded
 (training) rows, causality, chunked prefill against a KV cache whose unwritten tail holds
 garbage, decode at per-row positions, splash attention in Pallas interpret mode (forward and
-gradients), and a whole tiny model's logits and gradients with xla against einsum. Only valid
-query rows are compared: a padding row's output is unspecified (see models/attention.py).
+gradients, on one device and under shard_map on a (data=1, fsdp=2, tensor=2) mesh of fake CPU
+devices), and a whole tiny model's logits and gradients with xla (one device) and splash (the
+mesh) against einsum. Only valid query rows are compared: a padding row's output is unspecified
+(see models/attention.py). The mesh checks run this file as a script in a subprocess, because
+XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax initialises.
 """
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+from trustee_jax import sharding as shd
 from trustee_jax.models import attention as attn
 from trustee_jax.models.model_configs import get_model_config
 from trustee_jax.models.transformer import KVCache, create_model, left_padded_positions
@@ -200,3 +211,140 @@ def test_splash_compiles_for_a_tpu_topology():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
       q, kv, kv, spec((1, 256), jnp.int32)).compile()
   assert "tpu_custom_call" in compiled.as_text()  # the Pallas kernel, not an XLA fallback
+
+
+# ------------------------------------------------------------------ splash on a mesh
+
+MESH_SHAPE = (1, 2, 2)  # data x fsdp x tensor
+SHARDED_Q = P("fsdp", None, "tensor", None)  # batch rows over fsdp, heads over tensor
+
+
+def test_splash_specs_split_rows_and_heads_evenly_or_refuse():
+  mesh = AbstractMesh(MESH_SHAPE, shd.MESH_AXES)
+  specs = attn.splash_specs(mesh, shd.LOGICAL_RULES, (4, 128, H, D), (4, 128, KV, D))
+  assert specs == (SHARDED_Q, SHARDED_Q, P("fsdp", None))
+  with pytest.raises(ValueError, match=r"4 query heads and 1 KV heads .* \{'tensor': 2\}"):
+    attn.splash_specs(mesh, shd.LOGICAL_RULES, (4, 128, H, D), (4, 128, 1, D))
+  unsplit_kv = shd.rules_from_config({"kv_heads": None})
+  with pytest.raises(ValueError, match=r"q_heads on \('tensor',\) and kv_heads on \(\)"):
+    attn.splash_specs(mesh, unsplit_kv, (4, 128, H, D), (4, 128, KV, D))
+
+
+def _shard_map_specs(fn, *args) -> list[str]:
+  """The in_specs of the arguments of each top-level shard_map in `fn`'s jaxpr (the kernel's
+  mask arrays, replicated constants, come first)."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return [str(e.params["in_specs"][-len(args) - 1:]) for e in jaxpr.eqns
+          if e.primitive.name == "shard_map"]
+
+
+def _mesh_child() -> dict:
+  """In a child with fake devices: sharded splash (the op, and a whole tiny model) vs einsum."""
+  build = attn._splash_kernel
+  attn._splash_kernel = lambda h, t, s, interpret: build(h, t, s, True)  # Pallas interpreter
+  mesh = shd.make_mesh(MESH_SHAPE)
+  t = attn.SPLASH_BLOCK
+  positions = _padded_positions(t)
+  q, k, v = _qkv(4, t, t, seed=2)
+  mask = attn.self_attention_mask(positions)
+  weight = (positions >= 0)[:, :, None, None].astype(jnp.float32)
+  ref_fn = lambda q, k, v: attn.einsum_attention(q, k, v, mask)  # noqa: E731
+  mesh_fn = lambda q, k, v: attn.attention(q, k, v, mask, implementation="splash",  # noqa: E731
+                                           self_positions=positions, mesh=mesh)
+  loss = lambda fn: lambda q, k, v: jnp.sum(weight * fn(q, k, v) ** 2)  # noqa: E731
+  grads = jax.jit(jax.grad(loss(mesh_fn), argnums=(0, 1, 2)))(q, k, v)
+  ref_grads = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+  # No mesh passed: the mesh comes from the inputs' NamedSharding (eager call).
+  placed = [jax.device_put(x, NamedSharding(mesh, SHARDED_Q)) for x in (q, k, v)]
+  eager = attn.attention(*placed, mask, implementation="splash", self_positions=positions)
+
+  model_cfg = get_model_config("tiny-llama", vocab_size=256, initializer_range=0.2)
+  models = [create_model(model_cfg.replace(attention_impl=impl), seed=3, mesh=mesh)
+            for impl in ("einsum", "splash")]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, positions.shape))
+
+  def model_loss(model):
+    logp = jax.nn.log_softmax(model(tokens, positions)[0])
+    return jnp.sum(jnp.where(positions[..., None] >= 0, logp, 0.0)[..., 0])
+
+  logits = [_forward(m, tokens, positions, None)[0] for m in models]
+  model_grads = [nnx.jit(nnx.grad(model_loss))(m) for m in models]
+  graphdef, state = nnx.split(models[1])
+  model_jaxpr = str(jax.make_jaxpr(lambda st: nnx.merge(graphdef, st)(tokens, positions)[0])(
+      state))
+  return {
+      "devices": len(jax.devices()),
+      "forward_rel": rel_diff(_valid_rows(mesh_fn(q, k, v), positions),
+                              _valid_rows(ref_fn(q, k, v), positions)),
+      "grad_rel": max(rel_diff(g, r) for g, r in zip(grads, ref_grads)),
+      "in_specs": _shard_map_specs(mesh_fn, q, k, v),
+      "eager_rel": rel_diff(_valid_rows(eager, positions), _valid_rows(ref_fn(q, k, v), positions)),
+      "eager_spec": str(eager.sharding.spec),
+      "model_logits_rel": rel_diff(_valid_rows(logits[1], positions),
+                                   _valid_rows(logits[0], positions)),
+      "model_grad_rel": max(rel_diff(g, r) for g, r in zip(
+          jax.tree_util.tree_leaves(model_grads[1]), jax.tree_util.tree_leaves(model_grads[0]))),
+      "model_shard_maps": model_jaxpr.count("shard_map"),
+  }
+
+
+@pytest.fixture(scope="module")
+def splash_on_a_mesh() -> dict:
+  root = pathlib.Path(__file__).resolve().parent.parent
+  devices = int(np.prod(MESH_SHAPE))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes"):  # conftest's cache, if on
+    if getattr(jax.config, flag) is not None:
+      env[flag.upper()] = str(getattr(jax.config, flag))
+  proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_splash_matches_einsum(splash_on_a_mesh):
+  r = splash_on_a_mesh
+  assert r["devices"] == 4
+  assert r["in_specs"] == [str((SHARDED_Q, SHARDED_Q, SHARDED_Q, P("fsdp", None)))]
+  assert r["forward_rel"] <= TOL and r["grad_rel"] <= TOL
+
+
+def test_splash_takes_the_mesh_from_sharded_inputs(splash_on_a_mesh):
+  assert splash_on_a_mesh["eager_spec"] == str(SHARDED_Q)
+  assert splash_on_a_mesh["eager_rel"] <= TOL
+
+
+def test_model_on_a_mesh_matches_einsum_with_splash_attention(splash_on_a_mesh):
+  r = splash_on_a_mesh
+  assert r["model_shard_maps"] >= 1  # the model handed its mesh to splash
+  assert r["model_logits_rel"] <= TOL and r["model_grad_rel"] <= 1e-4
+
+
+def test_auto_picks_splash_for_a_tpu_mesh_and_it_compiles_sharded():
+  """"auto" on a mesh of v5p devices (a CPU host compiling ahead of time) is sharded splash:
+  forward and backward lower and compile for the 2x2 topology (needs libtpu; skipped without)."""
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+  mesh = shd.make_mesh(MESH_SHAPE, devices=devices)
+  assert attn.mesh_backend(mesh) == "tpu"
+  spec = lambda shape, dtype, p: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dtype, sharding=NamedSharding(mesh, p))
+
+  def loss(q, k, v, positions):
+    out = attn.attention(q, k, v, attn.self_attention_mask(positions), implementation="auto",
+                         self_positions=positions, mesh=mesh)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  q = spec((2, 256, H, 128), jnp.bfloat16, SHARDED_Q)
+  kv = spec((2, 256, KV, 128), jnp.bfloat16, SHARDED_Q)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+      q, kv, kv, spec((2, 256), jnp.int32, P("fsdp", None))).compile()
+  assert "tpu_custom_call" in compiled.as_text()
+
+
+if __name__ == "__main__":
+  print(json.dumps(_mesh_child()))

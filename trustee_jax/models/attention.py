@@ -8,9 +8,11 @@
   mask, which cuDNN turns into a [B, 1, T, S] bias: one per call, not per head. Not yet run
   on a GPU (tests check only that it fails loudly on CPU).
 - splash: TPU splash attention (Pallas) for self-attention without a KV cache, padding as
-  segment ids and a causal block mask; T must be a multiple of SPLASH_BLOCK. Tested in Pallas
-  interpret mode and compiled ahead of time for v5p; one device only so far (on a mesh the
-  kernel would need a shard_map, which this does not add).
+  segment ids and a causal block mask; T must be a multiple of SPLASH_BLOCK. On a mesh (given,
+  or carried by concrete inputs) the kernel runs under `jax.shard_map`, each device on its own
+  rows (batch over data and fsdp) and heads (q/KV heads over tensor, which must divide both
+  head counts); the sequence stays whole per device. Tested in Pallas interpret mode on one
+  and on four fake CPU devices, and compiled ahead of time for v5p.
 - auto: `resolve_implementation`'s pick for the backend, dtype and call.
 
 Every implementation gives the same output on valid query rows (position >= 0); a padding
@@ -23,8 +25,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from trustee_jax import sharding as shd
 
 Array = jax.Array
 
@@ -85,9 +90,12 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads: int, t: int, s: int, interpret: bool):
-  """A causal splash kernel for [H, T, D] queries (cached: building the block mask is slow)."""
+  """A causal splash kernel for [H, T, D] queries (cached: building the block mask is slow).
+  Built eagerly even when called in a trace (shard_map's would capture, and the cache leak, its
+  mask arrays as tracers)."""
   causal = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * num_heads)
-  return splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1, interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q: Array, k: Array, v: Array, positions: Array, *,
@@ -107,15 +115,70 @@ def splash_attention(q: Array, k: Array, v: Array, positions: Array, *,
   return heads_first(out).astype(q.dtype)
 
 
+def splash_mesh(mesh: Mesh | None, q: Array) -> Mesh | None:
+  """The mesh splash must shard over: `mesh`, else the mesh of a concrete `q`'s NamedSharding;
+  None on one device (a traced `q` does not show its sharding: pass the mesh)."""
+  if mesh is None and not isinstance(q, jax.core.Tracer) and isinstance(
+      getattr(q, "sharding", None), NamedSharding):
+    mesh = q.sharding.mesh
+  return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def _mesh_axes(rules, name: str, mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes of size > 1 that `rules` put logical axis `name` on."""
+  axes = dict(rules).get(name)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def splash_specs(mesh: Mesh, rules, q_shape: tuple[int, ...], kv_shape: tuple[int, ...]
+                 ) -> tuple[P, P, P]:
+  """(q, k/v, positions) PartitionSpecs for splash under shard_map: batch and heads by `rules`,
+  length and head_dim whole. The heads must split evenly, q and KV heads over the same axes:
+  replicating one but not the other would pair a shard's query heads with the wrong KV heads."""
+  q_axes, kv_axes = _mesh_axes(rules, "q_heads", mesh), _mesh_axes(rules, "kv_heads", mesh)
+  shards = math.prod(mesh.shape[a] for a in q_axes)
+  if q_axes != kv_axes or q_shape[2] % shards or kv_shape[2] % shards:
+    sizes = {a: mesh.shape[a] for a in q_axes + kv_axes}
+    raise ValueError(
+        f"splash attention on a mesh needs the {q_shape[2]} query heads and {kv_shape[2]} KV "
+        f"heads to split evenly over the same mesh axes; the rules put q_heads on {q_axes} and "
+        f"kv_heads on {kv_axes} (axis sizes {sizes}): pick a tensor axis size that divides both "
+        f"head counts, or attention_impl 'xla'")
+  q_spec = shd.logical_to_spec(rules, ("batch", None, "q_heads", None), q_shape, mesh)
+  kv_spec = shd.logical_to_spec(rules, ("batch", None, "kv_heads", None), kv_shape, mesh)
+  return q_spec, kv_spec, P(q_spec[0], None)
+
+
+def sharded_splash_attention(q: Array, k: Array, v: Array, positions: Array, mesh: Mesh,
+                             rules=shd.LOGICAL_RULES, *, interpret: bool = False) -> Array:
+  """`splash_attention` under `jax.shard_map` over `mesh`: each device runs the kernel on its
+  batch rows and heads (`splash_specs`), positions (the padding segments) split like the rows."""
+  q_spec, kv_spec, pos_spec = splash_specs(mesh, rules, q.shape, k.shape)
+  local = functools.partial(splash_attention, interpret=interpret)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, pos_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, positions)
+
+
+def mesh_backend(mesh: Mesh | None) -> str:
+  """The platform of `mesh`'s devices, else the default backend: "auto" then picks for the
+  devices it compiles for (a TPU topology compiled ahead of time from a CPU host is "tpu")."""
+  devices = getattr(mesh, "devices", None)  # an AbstractMesh has none
+  return jax.default_backend() if devices is None else devices.flat[0].platform.lower()
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array, *, implementation: str = "einsum",
-              self_positions: Array | None = None) -> Array:
+              self_positions: Array | None = None, mesh: Mesh | None = None,
+              rules=shd.LOGICAL_RULES) -> Array:
   """Grouped-query attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D].
 
   `self_positions` [B, T] are the queries' positions when the keys are the queries themselves
   (training, prefill without a cache); None when the keys come from a KV cache (then only the
-  mask tells causality). `mask` is authoritative for einsum, xla and cudnn.
+  mask tells causality). `mask` is authoritative for einsum, xla and cudnn. `mesh` and `rules`
+  (the model's) lay splash out over the devices, and "auto" picks for the mesh's platform; the
+  other implementations are partitioned by XLA from their inputs' shardings.
   """
-  impl = resolve_implementation(implementation, backend=jax.default_backend(), dtype=q.dtype,
+  impl = resolve_implementation(implementation, backend=mesh_backend(mesh), dtype=q.dtype,
                                 self_attention=self_positions is not None, length=q.shape[1])
   if impl == "einsum":
     return einsum_attention(q, k, v, mask)
@@ -123,6 +186,9 @@ def attention(q: Array, k: Array, v: Array, mask: Array, *, implementation: str 
     if self_positions is None:
       raise ValueError("splash attention runs self-attention only (no KV cache); use "
                        "attention_impl 'xla' or 'auto' for decode and cached prefill")
-    return splash_attention(q, k, v, self_positions)
+    mesh = splash_mesh(mesh, q)
+    if mesh is None:
+      return splash_attention(q, k, v, self_positions)
+    return sharded_splash_attention(q, k, v, self_positions, mesh, rules)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl,
                                       is_causal=impl == "cudnn" and self_positions is not None)

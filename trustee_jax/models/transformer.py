@@ -310,7 +310,8 @@ class Transformer(nnx.Module):
           k, v = jnp.take(k, rows, axis=0), jnp.take(v, rows, axis=0)
         k, v = k.astype(cdt), v.astype(cdt)
       attn = attn_lib.attention(q, k, v, mask, implementation=cfg.attention_impl,
-                                self_positions=positions if cache is None else None)
+                                self_positions=positions if cache is None else None,
+                                mesh=self.mesh, rules=self.rules)
       x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
       if "w_gate_up" in lp:
