@@ -116,7 +116,8 @@ def plan(c, platform: str, proxy_topology: str = "v5p:2x2x2") -> dict:
   proxy = platform == "tpu" and not c.hardware.tpu_topology
   mesh = shd.make_mesh(tuple(c.mesh.shape), devices=devices)
   mcfg = get_model_config(c.model.arch, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                          remat_policy=c.model.remat_policy)
+                          remat_policy=c.model.remat_policy,
+                          attention_impl=c.model.attention_impl)
   use_lora = bool(c.lora.enabled)
   optimizer = update.build_optimizer(c.train.optimizer)
   gcfg = grpo.GRPOConfig.from_dict(c.grpo)
