@@ -106,3 +106,30 @@ def _network_for_eval_tests(request):
     yield
   finally:
     _guard["on"] = True
+
+
+def _run_on_cpu_devices(script: str, count: int) -> dict:
+  """Runs a test file as a script on `count` fake CPU devices (XLA_FLAGS must be set before jax
+  starts, hence a subprocess, which inherits conftest's compilation cache if it is on) and
+  returns the JSON object its last line prints."""
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
+         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes"):
+    if getattr(jax.config, flag) is not None:
+      env[flag.upper()] = str(getattr(jax.config, flag))
+  proc = subprocess.run([sys.executable, script], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def run_on_cpu_devices():
+  """`run_on_cpu_devices(__file__, n)`: a test file's script half on n fake CPU devices."""
+  return _run_on_cpu_devices

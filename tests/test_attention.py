@@ -10,10 +10,6 @@ mesh) against einsum. Only valid query rows are compared: a padding row's output
 XLA_FLAGS=--xla_force_host_platform_device_count must be set before jax initialises.
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import jax
@@ -289,20 +285,8 @@ def _mesh_child() -> dict:
 
 
 @pytest.fixture(scope="module")
-def splash_on_a_mesh() -> dict:
-  root = pathlib.Path(__file__).resolve().parent.parent
-  devices = int(np.prod(MESH_SHAPE))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-  for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes"):  # conftest's cache, if on
-    if getattr(jax.config, flag) is not None:
-      env[flag.upper()] = str(getattr(jax.config, flag))
-  proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def splash_on_a_mesh(run_on_cpu_devices) -> dict:
+  return run_on_cpu_devices(__file__, int(np.prod(MESH_SHAPE)))
 
 
 def test_sharded_splash_matches_einsum(splash_on_a_mesh):

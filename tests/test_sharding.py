@@ -5,10 +5,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax initia
 must not leak into the rest of the suite. The child prints one JSON line of measurements.
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -215,20 +211,8 @@ def _child() -> dict:
 
 
 @pytest.fixture(scope="module")
-def eight_devices() -> dict:
-  import jax
-  root = pathlib.Path(__file__).resolve().parent.parent
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-  for flag in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes"):  # conftest's cache, if on
-    if getattr(jax.config, flag) is not None:
-      env[flag.upper()] = str(getattr(jax.config, flag))
-  proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def eight_devices(run_on_cpu_devices) -> dict:
+  return run_on_cpu_devices(__file__, 8)
 
 
 def test_smollm2_shaped_heads_are_replicated(eight_devices):
