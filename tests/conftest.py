@@ -6,6 +6,7 @@ The environment variables are set here, before anything imports transformers or 
 so subprocesses (servers, training runs) inherit them; the socket guard itself only covers this
 process. Tests marked `eval` build virtualenvs with pip and are exempt from the guard.
 """
+import gc
 import ipaddress
 import os
 import pathlib
@@ -93,6 +94,19 @@ def offline():
     mp.setattr(socket.socket, "connect_ex", _guarded(socket.socket.connect_ex))
     mp.setattr(socket, "getaddrinfo", _guarded_lookup(socket.getaddrinfo))
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_code():
+  """After each test file, drops JAX's compiled executables and the memory they map.
+
+  Each CPU executable holds about three memory mappings of JIT code. Without this, one pytest
+  process compiling for the whole suite reached 65,420 mappings by tests/test_train.py (RSS 7.5
+  GB), hit the kernel's vm.max_map_count (65,530), and XLA aborted mid-compile ("LLVM ERROR:
+  Unable to allocate section memory", exit 134): the CI failures of the last two stops."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(autouse=True)
