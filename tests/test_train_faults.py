@@ -29,10 +29,14 @@ def user_reply(i: int):
 
 
 def schedule(n: int = 4000) -> list:
-  """Request i's answer: one fault of each kind in every 10 requests, never two in a row (so a
-  retry, at most 3 a call, always gets through)."""
-  faults = itertools.cycle(FAULTS.values())
-  return [next(faults) if i % 2 else user_reply(i) for i in range(10)] * (n // 10)
+  """Request i's answer: every fourth one a fault, the kinds in turn (one of each in 20).
+
+  Two episodes run at once and share this sequence, so one call's retries can land on faults
+  while the other episode takes the good answers in between (with faults on every other
+  request and 3 retries, a timing change once lost an episode this way). Faults one in four and
+  8 retries make that chance (1/4)^8 per call."""
+  faults, replies = itertools.cycle(FAULTS.values()), itertools.count(0, 2)
+  return [next(faults) if i % 4 == 1 else user_reply(next(replies)) for i in range(20)] * (n // 20)
 
 
 class OutageAtStart:
@@ -57,7 +61,7 @@ def test_every_step_trains_through_a_flaky_simulator(tmp_path):
 
   async def run():
     async with ScriptedServer(*schedule()) as srv:
-      client = SimulatorClient(ClientConfig(urls=(srv.url,), timeout_s=1.0, max_retries=3,
+      client = SimulatorClient(ClientConfig(urls=(srv.url,), timeout_s=1.0, max_retries=8,
                                             backoff_base_s=0.01, backoff_max_s=0.05))
       sim_world = world.SimWorld(
           OutageAtStart(calls=3), user.UserSimulator(client), doubles.ToolDouble(),
