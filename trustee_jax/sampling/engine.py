@@ -27,84 +27,23 @@ from flax import nnx
 
 from trustee_jax.models.transformer import KVCache, Transformer
 from trustee_jax.sampling import constrained, paged_slots, sampler
+from trustee_jax.sampling.requests import (Completion, EngineError, QueueFullError, Request,
+                                           RequestError, SamplingParams, check_request,
+                                           decode_options, resolve, row_sampling, step_options)
 
-MAX_TOP_LOGPROBS = 20
 _log = logging.getLogger(__name__)
 # Every counter exists from the start, so metrics() can copy them while the engine counts.
 _STATS = ("prefill_tokens", "reused_tokens", "decode_steps", "requests_done",
           "requests_cancelled", "rejected_queue_full", "engine_errors")
 
 
-class RequestError(ValueError):
-  """A request the engine cannot serve (empty or too long prompt, bad settings, bad schema)."""
-
-
-class QueueFullError(RuntimeError):
-  """More requests waiting than the engine's queue holds."""
-
-
-class EngineError(RuntimeError):
-  """The engine failed or shut down while the request was in flight."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """Per-request settings (OpenAI semantics). temperature 0 is greedy."""
-  max_new_tokens: int = 64
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  frequency_penalty: float = 0.0
-  seed: int | None = None
-  stop_token_ids: tuple[int, ...] = ()
-  stop_strings: tuple[str, ...] = ()
-  top_logprobs: int = 0
-  json_schema: Any = None  # dict or JSON string; constrained by llguidance
-  grammar: str | None = None  # a ready llguidance grammar (overrides json_schema)
-
-
-@dataclasses.dataclass
-class Completion:
-  """What a request produced: sampled ids exactly as sampled, and their logprobs."""
-  prompt_ids: list[int]
-  tokens: list[int]
-  logprobs: list[float]
-  top_logprobs: list[list[tuple[int, float]]] | None
-  finish_reason: str  # "stop" | "length"
-  stop: int | str | None  # the stop token id or stop string that ended it
-  cached_tokens: int  # prompt tokens reused from a resident cache (not prefilled)
-
-
-@dataclasses.dataclass
-class _Request:
-  prompt: list[int]
-  params: SamplingParams
-  seed: int
-  future: concurrent.futures.Future
-  matcher: Any = None
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  logprobs: list[float] = dataclasses.field(default_factory=list)
-  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-  cached: int = 0
-
-
 @dataclasses.dataclass
 class _Slot:
   cached_ids: list[int] = dataclasses.field(default_factory=list)  # tokens in the KV cache
-  request: _Request | None = None
+  request: Request | None = None
   position: int = -1  # where the last sampled token will be written
   last_used: int = 0
   stale: bool = False  # the weights changed mid-request: its cache is not reused afterwards
-
-
-def _resolve(future: concurrent.futures.Future, result=None, error=None) -> None:
-  """Sets a request's outcome unless its caller cancelled it (a client that went away)."""
-  if future.cancelled():
-    return
-  try:
-    future.set_exception(error) if error is not None else future.set_result(result)
-  except concurrent.futures.InvalidStateError:  # cancelled in between: nobody is waiting
-    pass
 
 
 def _bucket(n: int, smallest: int, cap: int) -> int:
@@ -158,7 +97,7 @@ class Engine:
     self.slots = [_Slot() for _ in range(num_slots)]
     self._reset_device_state()
     self.stats = collections.Counter(dict.fromkeys(_STATS, 0))
-    self._pending: collections.deque[_Request] = collections.deque()
+    self._pending: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._clock = 0
     self._rng = np.random.default_rng(seed)
@@ -183,7 +122,7 @@ class Engine:
       except constrained.GrammarError as e:
         raise RequestError(str(e)) from e
     seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
-    req = _Request(prompt, params, seed, concurrent.futures.Future(), matcher)
+    req = Request(prompt, params, seed, concurrent.futures.Future(), matcher)
     with self._cv:
       if self._closed:
         raise EngineError("engine is shut down")
@@ -248,26 +187,12 @@ class Engine:
   # ---- scheduling ---------------------------------------------------------------------
 
   def _check(self, prompt: list[int], p: SamplingParams) -> None:
-    if not prompt:
-      raise RequestError("empty prompt")
-    if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
-      raise RequestError(f"token ids must lie in [0, {self.cfg.vocab_size})")
-    if p.max_new_tokens < 1:
-      raise RequestError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
-    if len(prompt) + p.max_new_tokens > self.cache_len:
-      raise RequestError(
-          f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-          f"context of {self.cache_len} tokens")
+    check_request(prompt, p, vocab_size=self.cfg.vocab_size, context=self.cache_len,
+                  can_stop_on_strings=self.decode_fn is not None)
     if self._paged is not None and (self._paged.blocks_for(len(prompt) + p.max_new_tokens)
                                     > self._paged.num_blocks):
       raise RequestError(f"prompt + max_new_tokens need more than the {self._paged.num_blocks} "
                          f"KV blocks of the pool")
-    if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
-      raise RequestError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
-      raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
-    if p.stop_strings and self.decode_fn is None:
-      raise RequestError("stop strings need an engine built with decode_fn")
 
   def _loop(self) -> None:
     while True:
@@ -310,13 +235,13 @@ class Engine:
   def _fail_all(self, error: Exception, pending: bool = True) -> None:
     for slot_id, slot in enumerate(self.slots):
       if slot.request is not None:
-        _resolve(slot.request.future, error=error)
+        resolve(slot.request.future, error=error)
         slot.request, slot.cached_ids = None, []
         self._release(slot_id)
     while pending and self._pending:
-      _resolve(self._pending.popleft().future, error=error)
+      resolve(self._pending.popleft().future, error=error)
 
-  def _take_admissions(self) -> list[tuple[int, _Request, int]]:
+  def _take_admissions(self) -> list[tuple[int, Request, int]]:
     if self.static_batching and self._busy():
       return []
     if self._paged is not None:
@@ -336,7 +261,7 @@ class Engine:
       admitted.append((slot_id, req, reuse))
     return admitted
 
-  def _take_paged_admissions(self) -> list[tuple[int, _Request, int]]:
+  def _take_paged_admissions(self) -> list[tuple[int, Request, int]]:
     """Admits waiting requests in order into free slots while the block pool has room."""
     admitted, computing = [], set()
     free = [i for i, s in enumerate(self.slots) if s.request is None]
@@ -360,29 +285,6 @@ class Engine:
     """The cache to pass to a step: the paged one carries the slots' current block tables."""
     return self.cache if self._paged is None else self._paged.with_tables(self.cache)
 
-  def _row_sampling(self, reqs: list[_Request | None], gen_index: list[int]):
-    def arr(f, dtype):
-      return jnp.asarray(np.array([f(r) if r else 0 for r in reqs], dtype))
-    p = lambda r: r.params  # noqa: E731
-    return sampler.RowSampling(
-        temperature=arr(lambda r: p(r).temperature, np.float32),
-        top_p=jnp.asarray(np.array([p(r).top_p if r else 1.0 for r in reqs], np.float32)),
-        top_k=arr(lambda r: p(r).top_k, np.int32),
-        frequency_penalty=arr(lambda r: p(r).frequency_penalty, np.float32),
-        seed=arr(lambda r: r.seed, np.uint32),
-        gen_index=jnp.asarray(np.array(gen_index, np.int32)))
-
-  def _flags(self, reqs) -> tuple[bool, int]:
-    live = [r for r in reqs if r]
-    use_filter = any(r.params.top_k > 0 or r.params.top_p < 1 for r in live)
-    n_top = MAX_TOP_LOGPROBS if any(r.params.top_logprobs for r in live) else 0
-    return use_filter, n_top
-
-  def _decode_flags(self, live: list[_Request]) -> dict[str, bool]:
-    """Static decode options: skip the random draw when all are greedy, counts when no penalty."""
-    return {"draw": any(r.params.temperature > 0 for r in live),
-            "use_penalty": any(r.params.frequency_penalty != 0 for r in live)}
-
   def _bitmask(self, reqs) -> np.ndarray | None:
     if not any(r and r.matcher is not None for r in reqs):
       return None
@@ -392,7 +294,7 @@ class Engine:
         constrained.fill_mask(r.matcher, mask, i)
     return mask
 
-  def _fill_leading_chunks(self, slot_id: int, req: _Request, start: int) -> int:
+  def _fill_leading_chunks(self, slot_id: int, req: Request, start: int) -> int:
     """Prefills all but the last `prefill_chunk` new tokens of a long prompt; returns where
     the sampled prefill starts."""
     while len(req.prompt) - start > self.prefill_chunk:
@@ -406,7 +308,7 @@ class Engine:
       start = end
     return start
 
-  def _prefill(self, admitted: list[tuple[int, _Request, int]]) -> None:
+  def _prefill(self, admitted: list[tuple[int, Request, int]]) -> None:
     for i, (slot_id, req, reuse) in enumerate(admitted):
       req.cached = reuse
       admitted[i] = (slot_id, req, self._fill_leading_chunks(slot_id, req, reuse))
@@ -420,7 +322,7 @@ class Engine:
       positions = np.full((n, width), -1, np.int32)
       rows = np.full((n,), -1, np.int32)
       last = np.zeros((n,), np.int32)
-      reqs: list[_Request | None] = [None] * n
+      reqs: list[Request | None] = [None] * n
       for i, (slot_id, req, start) in enumerate(group):
         new = req.prompt[start:]
         tokens[i, :len(new)] = new
@@ -429,11 +331,11 @@ class Engine:
         self.stats["prefill_tokens"] += len(new)
         self.stats["reused_tokens"] += req.cached
       attend = _bucket(max(len(r.prompt) for r in reqs if r), 128, self.cache_len)
-      use_filter, n_top = self._flags(reqs)
+      use_filter, n_top = step_options(reqs)
       self.cache, self.counts, out = sampler.prefill(
           self.graphdef, self.state, self._device_cache(), self.counts, jnp.asarray(tokens),
           jnp.asarray(positions), jnp.asarray(rows), jnp.asarray(last),
-          self._row_sampling(reqs, [0] * n), self._bitmask(reqs),
+          row_sampling(reqs, [0] * n), self._bitmask(reqs),
           attend_len=attend, use_filter=use_filter, n_top=n_top)
       toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
       for i, (slot_id, req, _) in enumerate(group):
@@ -468,17 +370,17 @@ class Engine:
     rows = np.zeros((n,), np.int32)
     positions = np.full((n,), -1, np.int32)
     last_tok = np.zeros((n,), np.int32)
-    batch: list[_Request | None] = [None] * n
+    batch: list[Request | None] = [None] * n
     for j, (i, r) in enumerate(live):
       rows[j], positions[j], last_tok[j], batch[j] = i, self.slots[i].position, r.tokens[-1], r
     attend = _bucket(int(positions.max()) + steps, 128, self.cache_len)
-    use_filter, n_top = self._flags(batch)
+    use_filter, n_top = step_options(batch)
     self.cache, self.counts, out = sampler.decode(
         self.graphdef, self.state, self.layers, self._device_cache(), self.counts,
         jnp.asarray(rows), jnp.asarray(last_tok), jnp.asarray(positions),
-        self._row_sampling(batch, [len(r.tokens) if r else 0 for r in batch]),
+        row_sampling(batch, [len(r.tokens) if r else 0 for r in batch]),
         self._bitmask(batch), steps=steps, attend_len=attend, use_filter=use_filter,
-        n_top=n_top, **self._decode_flags([r for _, r in live]))
+        n_top=n_top, **decode_options([r for _, r in live]))
     toks, lps, top_ids, top_lps = (np.asarray(x) for x in out)
     self.stats["decode_steps"] += steps
     for j, (i, _) in enumerate(live):
@@ -494,28 +396,8 @@ class Engine:
   def _record(self, slot: _Slot, token: int, logprob: float, top_ids, top_lps) -> bool:
     """Appends a sampled token to the slot's request; finishes it when done. True if done."""
     req = slot.request
-    p = req.params
-    req.tokens.append(token)
-    req.logprobs.append(logprob)
-    if p.top_logprobs:
-      req.top.append([(int(t), float(v)) for t, v in
-                      zip(top_ids[:p.top_logprobs], top_lps[:p.top_logprobs])])
-    finish, stop = None, None
-    if req.matcher is not None:
-      if not req.matcher.consume_token(token):
-        raise EngineError(f"grammar rejected sampled token {token}: {req.matcher.get_error()}")
-      if req.matcher.is_stopped():
-        finish = "stop"
-    if token in p.stop_token_ids:
-      finish, stop = "stop", token
-    elif p.stop_strings:
-      text = self.decode_fn(req.tokens)
-      hit = next((s for s in p.stop_strings if s in text), None)
-      if hit is not None:
-        finish, stop = "stop", hit
-    if finish is None and len(req.tokens) >= p.max_new_tokens:
-      finish = "length"
-    if finish is None:
+    done = req.append(token, logprob, top_ids, top_lps, self.decode_fn)
+    if done is None:
       return False
     self._clock += 1
     slot.last_used = self._clock
@@ -524,9 +406,5 @@ class Engine:
       slot.cached_ids, slot.stale = [], False
     self._release(self.slots.index(slot))
     self.stats["requests_done"] += 1
-    _resolve(req.future, Completion(
-        prompt_ids=req.prompt, tokens=req.tokens, logprobs=req.logprobs,
-        top_logprobs=req.top if p.top_logprobs else None, finish_reason=finish, stop=stop,
-        cached_tokens=req.cached))
+    resolve(req.future, req.completion(*done))
     return True
-
