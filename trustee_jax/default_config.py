@@ -43,9 +43,13 @@ def default_config() -> ml_collections.ConfigDict:
   # unstack_layers: decode reads a per-layer copy of the weights (faster, one more copy).
   # kv_layout: dense (a cache_len row per slot) | paged (one pool of block_size-token blocks,
   # num_blocks of them, 0: the dense cache's memory; shared prompt prefixes are computed once).
+  # backend: jax (the in-process engine above) | sglang (the policy served by the SGLang server at
+  # sglang_url; each update's weights written to weights_dir, storage the server reads, and
+  # pushed: sampling/sglang_backend.py; needs train.recompute_old_logprobs=True).
   c.engine = ml_collections.ConfigDict(dict(num_slots=16, cache_len=2048, decode_chunk=8,
                                             unstack_layers=True, kv_layout="dense",
-                                            block_size=16, num_blocks=0))
+                                            block_size=16, num_blocks=0, backend="jax",
+                                            sglang_url="", weights_dir=""))
 
   # The frozen LM world. mode: embedded (a server this run starts) | url (SGLang) | doubles.
   # backend (embedded only): jax (python -m trustee_jax.serving) | llamacpp (`processes`

@@ -23,7 +23,7 @@ from trustee_jax import distributed, grpo, lora, rollout, runtime, seeding, step
 from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
 from trustee_jax.chat import ChatFormat
-from trustee_jax.sampling.engine import Engine
+from trustee_jax.sampling.sglang_backend import build_policy_backend, logprob_gap
 from trustee_jax.simulator import validation_file
 from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger, show_progress_bar, step_line
@@ -127,13 +127,9 @@ class Trainer:
     self.sigterm: runtime.SigtermStop | None = None  # while run() runs
     self.meta = self.policy.meta
     self.start_step = self._maybe_restore()
-    self.engine = Engine(self.engine_model(),
-                         num_slots=cfg.engine.num_slots, cache_len=cfg.engine.cache_len,
-                         decode_chunk=cfg.engine.decode_chunk,
-                         unstack_layers=cfg.engine.get("unstack_layers", True),
-                         kv_layout=cfg.engine.kv_layout, block_size=cfg.engine.block_size,
-                         num_blocks=cfg.engine.num_blocks or None,
-                         decode_fn=self.tokenizer.decode)
+    self.engine = build_policy_backend(cfg, self.engine_model, self.tokenizer.decode)
+    if cfg.engine.get("backend", "jax") == "sglang":  # the server samples this run's weights
+      self.engine.update_params(self.engine_model())
     self.world = world
     logdir = self.workdir if self.info.is_primary else self.workdir / f"process_{self.info.index}"
     self.log = RunLogger(logdir, purge_step=self.start_step + 1 if self.start_step else None)
@@ -142,11 +138,12 @@ class Trainer:
     """The sampler's model: with several processes, a copy of the (merged) policy on this
     process's devices, so that each process's engine runs its own requests unsynchronised."""
     model = self.policy.sampler_model(self.state["params"])
-    if self.info.count == 1:
+    if self.info.count == 1 and self.cfg.engine.get("backend", "jax") == "jax":
       return model
-    if isinstance(model, lora.LoraTransformer):
+    if isinstance(model, lora.LoraTransformer):  # SGLang loads plain HF weights
       model = lora.merge(model)
-    return distributed.per_process_model(model, distributed.process_local_mesh())
+    return model if self.info.count == 1 else distributed.per_process_model(
+        model, distributed.process_local_mesh())
 
   def checkpoint_view(self) -> dict[str, Any]:
     """The state as saved: with several processes the host-held parts (curriculum, step) as
@@ -227,8 +224,7 @@ class Trainer:
       if self.cfg.train.recompute_old_logprobs:
         sampled = arrays["old_logprobs"]
         arrays["old_logprobs"] = self.policy.logprobs(self.state["params"], tokens, positions)
-        arrays["old_logprob_gap"] = jnp.sum(jnp.abs(arrays["old_logprobs"] - sampled)
-                                            * arrays["loss_mask"])
+        arrays["logprob_gap"] = logprob_gap(sampled, arrays["old_logprobs"], arrays["loss_mask"])
       if self.policy.reference_logprobs is not None:
         arrays["ref_logprobs"] = self.policy.reference_logprobs(tokens, positions)
       out.append(arrays)
@@ -238,16 +234,17 @@ class Trainer:
     batch = self._step_batch(episodes)
     metrics: list[dict[str, float]] = []
     for arrays in self._minibatches(batch):
-      gap = arrays.pop("old_logprob_gap", None)
+      gap = arrays.pop("logprob_gap", None)
       params, opt_state, m = self.update_fn(self.state["params"], self.policy.frozen,
                                             self.state["opt_state"], arrays)
       self.state["params"], self.state["opt_state"] = params, opt_state
       m = {k: float(v) for k, v in m.items()}
-      if gap is not None:
-        m["old_logprob_gap"] = float(gap) / max(m["tokens"], 1.0)
+      m.update({k: float(v) for k, v in (gap or {}).items()})
       metrics.append(m)
     self.engine.update_params(self.engine_model())
     out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    if "rollout/logprob_gap_max" in out:  # the largest of any minibatch, not their mean
+      out["rollout/logprob_gap_max"] = max(m["rollout/logprob_gap_max"] for m in metrics)
     adv = batch.advantages
     out["advantage_abs_mean"] = float(np.mean(np.abs(adv))) if len(adv) else 0.0
     out["nonzero_advantage_frac"] = float(np.mean(adv != 0)) if len(adv) else 0.0
@@ -280,7 +277,7 @@ class Trainer:
       t0 = time.perf_counter()
       trained = negative_control(self.cfg.train.get("control", ""), result.episodes,
                                  seeding.derive_seed(self.host_seed, step, 0xC0))
-      scalars.update({f"train/{k}": v for k, v in self._update(trained).items()})
+      scalars.update({k if "/" in k else f"train/{k}": v for k, v in self._update(trained).items()})
       times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
       self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
                                             jnp.asarray(all_rewards))
