@@ -384,6 +384,17 @@ class _FaultOnce:
     return self.decode(graphdef, state, layers, cache, counts, rows, last_tok, positions, *a, **kw)
 
 
+def test_busy_seconds_count_device_steps_not_idle_waits(smol, prompt_ids):
+  with _fresh(smol) as eng:
+    t0 = time.perf_counter()
+    eng.generate(prompt_ids[:2], _greedy(8))
+    time.sleep(0.2)  # the step that resolved the last future adds its time as it ends
+    busy = eng.metrics()["busy_seconds"]
+    assert 0 < busy < time.perf_counter() - t0
+    time.sleep(0.3)  # idle: no request, no device step
+    assert eng.metrics()["busy_seconds"] == busy
+
+
 def test_a_failed_step_fails_its_batch_then_the_engine_serves_again(monkeypatch):
   from trustee_jax.models.model_configs import get_model_config
   from trustee_jax.models.transformer import create_model

@@ -62,6 +62,7 @@ def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
   cfg = load_config("test", **{"train.steps": 2})
   last = train.train(cfg, tmp_path)
   assert {"reward/mean", "curriculum/level", "train/loss", "time/rollout"} <= set(last)
+  assert 0 < last["rollout/policy_busy_frac"] <= 1  # the engine's device time in the rollout
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [1, 2]
   for tag in ("reward/mean", "train/clip_frac", "knobs/num_tools", "episodes/tool_calls",

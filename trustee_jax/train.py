@@ -262,13 +262,16 @@ class Trainer:
     t0 = time.perf_counter()
     tasks = await self._tasks(step)
     times["time/tasks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, busy0 = time.perf_counter(), self.engine.metrics().get("busy_seconds")
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
         cfg=self.rollout_cfg, seed=self.host_seed, step=step,
         max_concurrent=self.cfg.rollout_concurrency, min_group=self.grpo_cfg.min_group_size)
     times["time/rollout"] = time.perf_counter() - t0
     scalars: dict[str, float] = dict(times)
+    if busy0 is not None:  # the rest of the rollout the policy waited on the world
+      scalars["rollout/policy_busy_frac"] = (
+          (self.engine.metrics()["busy_seconds"] - busy0) / max(times["time/rollout"], 1e-9))
     rewards = np.asarray([e.reward for e in result.episodes], np.float32)
     # The curriculum moves on every process's rewards (the same update everywhere).
     all_rewards = rewards if self.info.count == 1 else distributed.gather_values(

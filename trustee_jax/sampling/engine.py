@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +98,7 @@ class Engine:
     self.slots = [_Slot() for _ in range(num_slots)]
     self._reset_device_state()
     self.stats = collections.Counter(dict.fromkeys(_STATS, 0))
+    self.busy_seconds = 0.0  # wall time the engine thread spent in device steps
     self._pending: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._clock = 0
@@ -158,14 +160,15 @@ class Engine:
       if self._paged is not None:
         self._paged.drop_prefixes_later()
 
-  def metrics(self) -> dict[str, int | bool]:
+  def metrics(self) -> dict[str, int | float | bool]:
     """Load and counters for a server's metrics endpoint: busy slots, waiting requests, stats."""
     with self._cv:
       blocks = {} if self._paged is None else {
           f"kv_blocks_{k}": v for k, v in dataclasses.asdict(self._paged.usage()).items()}
       return {"num_slots": self.num_slots, "busy_slots": sum(s.request is not None
                                                               for s in self.slots),
-              "pending": len(self._pending), "running": self.running, **blocks, **self.stats}
+              "pending": len(self._pending), "running": self.running,
+              "busy_seconds": self.busy_seconds, **blocks, **self.stats}
 
   @property
   def running(self) -> bool:
@@ -203,6 +206,7 @@ class Engine:
           self._fail_all(EngineError("engine shut down"))
           return
         admitted = self._take_admissions()
+      t0 = time.perf_counter()
       try:
         if admitted:
           self._prefill(admitted)
@@ -215,6 +219,8 @@ class Engine:
           self._fail_all(EngineError(f"engine step failed: {type(e).__name__}: {e}"),
                          pending=False)
           self._reset_device_state()
+      finally:
+        self.busy_seconds += time.perf_counter() - t0
 
   def _reset_device_state(self) -> None:
     """Zeroed KV cache and token counts, no resident prefixes: at start, and after a failed
