@@ -140,6 +140,10 @@ def test_budgets_that_cannot_hold_are_refused_by_name(key, value, match):
     train.check_budgets(load_config("test", **{key: value}))
 
 
+def test_the_engine_cache_bounds_episodes_only_for_the_in_process_engine():
+  train.check_budgets(load_config("test", **{"engine.cache_len": 1024, "engine.backend": "sglang"}))
+
+
 @pytest.mark.timeout(900)
 def test_lora_run_saves_adapters_only_resumes_refuses_another_rank_and_exports(tmp_path):
   torch = pytest.importorskip("torch")

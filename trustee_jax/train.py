@@ -42,13 +42,13 @@ def training_mesh(cfg):
 
 def check_budgets(cfg) -> None:
   """Refuses budgets that cannot hold together: a run of at least one step of at least one task,
-  and every episode (at most rollout.max_episode_tokens) within the policy engine's cache and the
-  largest length bucket."""
+  and every episode (at most rollout.max_episode_tokens) within the in-process engine's cache
+  (SGLang's context is the server's) and the largest length bucket."""
   for key in ("steps", "tasks_per_step", "updates_per_step", "micro_batch"):
     if cfg.train[key] < 1:
       raise ValueError(f"train.{key} must be at least 1, got {cfg.train[key]}")
   longest = cfg.rollout.max_episode_tokens
-  if longest > cfg.engine.cache_len:
+  if cfg.engine.get("backend", "jax") == "jax" and longest > cfg.engine.cache_len:
     raise ValueError(f"rollout.max_episode_tokens ({longest}) exceeds engine.cache_len "
                      f"({cfg.engine.cache_len}): the policy could not sample the episode's end")
   if longest > max(cfg.train.length_buckets):
