@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from trustee_jax import seeding
-from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import doubles, tasks as tasks_lib, tools_pool
+from trustee_jax.tool_calls import ToolCall
 
 FAILS = ("wrong_value", "wrong_tool", "missing_call", "error_claimed")
 KINDS = ("right", *FAILS)

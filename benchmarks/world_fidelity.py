@@ -60,10 +60,10 @@ import numpy as np  # noqa: E402
 
 import judge_cases as jc  # noqa: E402
 from trustee_jax import seeding  # noqa: E402
-from trustee_jax.chat import ToolCall  # noqa: E402
 from trustee_jax.simulator import doubles, judge as judge_lib, tasks as tasks_lib  # noqa: E402
 from trustee_jax.simulator import tools as tools_lib, tools_pool, user as user_lib  # noqa: E402
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient, SimulatorError  # noqa: E402
+from trustee_jax.tool_calls import ToolCall  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from trustee_jax import checkpoint, config_files, curriculum, rollout, world
-from trustee_jax.chat import ChatFormat, ToolCall
+from trustee_jax.chat import ChatFormat
 from trustee_jax.models.tokenizer import load_tokenizer
 from trustee_jax.simulator import doubles, judge, tools, user
 from trustee_jax.simulator.tools import ToolLedger, ToolResult
 from trustee_jax.simulator.user import UserReply
+from trustee_jax.tool_calls import ToolCall
 from test_rollout import KNOBS, ScriptedPolicy, make_task, right_call
 
 FIELDS = ("user_intent", "user_persona", "expected_tool_calls", "expected_calls")

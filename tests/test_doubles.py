@@ -7,11 +7,11 @@ import jsonschema
 import numpy as np
 import pytest
 
-from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import doubles as dbl
 from trustee_jax.simulator import tasks as tl
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.tools import ToolLedger
+from trustee_jax.tool_calls import ToolCall
 
 
 @dataclasses.dataclass

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from trustee_jax.chat import ToolCall
 from trustee_jax.simulator.rule_check import (CallCheck, arguments_match, check_calls, made_calls,
                                               made_turns, values_match)
+from trustee_jax.tool_calls import ToolCall
 
 SET = {"name": "set_temperature", "arguments": {"room": "kitchen", "celsius": 21}}
 LIGHT = {"name": "set_light", "arguments": {"room": "hall", "on": True}}

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from trustee_jax.chat import ToolCall
 from trustee_jax.simulator import tools as tl
 from trustee_jax.simulator.doubles import ScriptedClient
 from trustee_jax.simulator.tasks import Task
+from trustee_jax.tool_calls import ToolCall
 
 
 def fn(name, props, required):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from trustee_jax import seeding
-from trustee_jax.chat import ToolCall
 from trustee_jax.serving.server import ServerThread, load_simulator
 from trustee_jax.simulator import doubles
 from trustee_jax.simulator import judge as judge_lib
@@ -25,6 +24,7 @@ from trustee_jax.simulator import tools as tools_lib
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator import user as user_lib
 from trustee_jax.simulator.client import ClientConfig, SimulatorClient
+from trustee_jax.tool_calls import ToolCall
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from trustee_jax import chat as chat_lib
+from trustee_jax import tool_calls
 from trustee_jax.config_dataclass import from_config
 from trustee_jax.sampling.engine import EngineError, SamplingParams
 from trustee_jax.seeding import derive_seed
@@ -97,7 +97,7 @@ class ToolRole(Protocol):
   """The simulated tools: one result per call, in order; `messages` is the conversation so far,
   ending with the turn that made the calls."""
 
-  async def execute(self, task: Task, ledger: ToolLedger, calls: list[chat_lib.ToolCall],
+  async def execute(self, task: Task, ledger: ToolLedger, calls: list[tool_calls.ToolCall],
                     seed: int, messages: list[dict[str, Any]] | None = None
                     ) -> list[ToolResult]: ...
 
@@ -240,7 +240,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
                                        for r in ("user", "tools", "judge"))
   seen = (lambda ms: list(ms)) if cfg.show_reasoning else hide_reasoning  # noqa: E731
   ledger = ToolLedger.for_task(task)
-  offered = {chat_lib.normalize_tools([t])[0]["function"].get("name") for t in tools}
+  offered = {tool_calls.normalize_tools([t])[0]["function"].get("name") for t in tools}
   ep = Episode(task_index, episode_index, *(np.zeros(0),) * 4)
   user_turns = assistant_turns = tool_turns = 0
   turn = 0
@@ -267,10 +267,10 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
       ep.termination = "budget_turns"  # this generation is trained, never judged
       break
     text = tokenizer.decode([t for t in comp.tokens if t not in chat.stop_ids])
-    parsed = chat_lib.parse_output(
+    parsed = tool_calls.parse_output(
         text, first_call_index=ep.num_tool_calls + ep.num_invalid_calls,
         untagged_tools=offered if cfg.accept_untagged_calls else None)
-    if cfg.enable_thinking and chat_lib.THINK_CLOSE not in text:
+    if cfg.enable_thinking and tool_calls.THINK_CLOSE not in text:
       ep.num_turns_without_thinking += 1
     accepted_untagged = len(parsed.tool_calls) if parsed.untagged else 0
     ep.num_untagged_calls += accepted_untagged
@@ -284,7 +284,7 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
         ep.num_invalid_calls += 1
         new_msgs.append({"role": "tool", "content": f"Error: malformed tool call ({err.reason})"})
         rewards.append(-1.0)
-      valid = sum(chat_lib.validate_call(c, tools) is None for c in calls)
+      valid = sum(tool_calls.validate_call(c, tools) is None for c in calls)
       ep.num_invalid_calls += len(calls) - valid
       ep.num_valid_calls += valid
       ep.num_tool_calls += len(calls)

@@ -20,7 +20,6 @@ from typing import Any
 import jsonschema
 import numpy as np
 
-from trustee_jax.chat import ToolCall
 from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import tasks as tasks_lib
 from trustee_jax.simulator import tools_pool
@@ -31,6 +30,7 @@ from trustee_jax.simulator.rule_check import (CallCheck, arguments_match, check_
                                               made_calls, made_turns)
 from trustee_jax.simulator.tools import ToolLedger, ToolResult, check_call
 from trustee_jax.simulator.user import UserReply
+from trustee_jax.tool_calls import ToolCall
 
 MAX_DRAWS = 200  # draws of a task before the generator gives up on a tool set
 GIVE_UP = re.compile(r"\b(can ?not|can'?t|can’t|unable|not able|impossible|not possible|"

@@ -18,7 +18,7 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from trustee_jax.chat import ToolCall
+from trustee_jax.tool_calls import ToolCall
 
 EXTRA_PENALTY = 0.1  # score lost per extra call
 FAILED_FACTOR = 0.5  # score kept when the order or state check fails

@@ -11,13 +11,13 @@ from typing import Any
 
 import jsonschema
 
-from trustee_jax.chat import ToolCall
 from trustee_jax.config_dataclass import from_config
 from trustee_jax.simulator import system_prompts
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.judge import render_data, render_trajectory
 from trustee_jax.seeding import retry_seed
 from trustee_jax.simulator.tasks import Task, sampling_kwargs
+from trustee_jax.tool_calls import ToolCall
 
 TRUNCATED = "...(truncated)"
 TRUNCATE_SIDES = ("head", "tail", "middle")
