@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
-from flax import nnx
 
 from trustee_jax import curriculum as cur
 from trustee_jax import distributed, grpo, lora, rollout, runtime, seeding, step_batch, update
