@@ -1,13 +1,16 @@
 """Does the loop learn? The real training path, a fixed budget, and two negative controls.
 
-  python benchmarks/learning.py [--steps 5] [--policies qwen2.5-coder-0.5b,smollm2]
-      [--arms run,negate_advantages,permute_rewards] [--out runs/learning] [--config.X=Y ...]
+  python benchmarks/learning.py [--steps 12] [--policies qwen2.5-coder-0.5b,smollm2]
+      [--arms run,frozen,negate_advantages,permute_rewards] [--out runs/learning]
+      [--config.X=Y ...]
 
 Each (policy, arm) is one `launch/train.py --config configs/learning.py` run in its own process
 and workdir: chat template, engine rollouts, Hermes tool-call parsing, the rule-checked home world,
 its judge, the curriculum, GRPO and Orbax, all as a user runs them. The arms share steps, seeds
-and tasks; they differ only in `train.control`: "" (the run), "negate_advantages" (every
-advantage's sign flipped) and "permute_rewards" (the step's rewards shuffled across its episodes).
+and tasks; they differ only in what `ARMS` sets: nothing (the run), a learning rate of 0
+("frozen": the untrained policy through the same loop, the baseline an improvement is measured
+against), `train.control=negate_advantages` (every advantage's sign flipped) and
+`train.control=permute_rewards` (the step's rewards shuffled across its episodes).
 Validation is greedy on a fixed held-out set at a fixed level, before training and every
 `validation.every` steps, never trained on.
 
@@ -35,21 +38,27 @@ TAGS = ("reward/mean", "reward/success_rate", "curriculum/level", "reward/zero_v
         "val/reward_mean", "time/rollout", "time/update")
 
 
+# What each arm changes; it comes after the invocation's own --config flags, so it wins.
+ARMS = {"run": [], "frozen": ["--config.train.optimizer.learning_rate=0.0"],
+        "negate_advantages": ["--config.train.control=negate_advantages"],
+        "permute_rewards": ["--config.train.control=permute_rewards"]}
+
+
 def run_arm(policy: str, arm: str, steps: int, out: pathlib.Path, extra: list[str]) -> dict:
   """One training run of `launch/train.py` in a fresh workdir; its curves and wall time."""
-  workdir = out / policy / (arm or "run")
+  workdir = out / policy / arm
   if workdir.exists():
     subprocess.run(["rm", "-rf", str(workdir)], check=True)
   cmd = [sys.executable, str(REPO / "launch" / "train.py"),
          f"--config={REPO / 'configs' / 'learning.py'}:{policy}", f"--workdir={workdir}",
-         f"--config.train.steps={steps}", f"--config.train.control={arm}", *extra]
+         f"--config.train.steps={steps}", *extra, *ARMS[arm]]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.perf_counter() - t0
   (out / policy).mkdir(parents=True, exist_ok=True)
-  (out / policy / f"{arm or 'run'}.log").write_text(proc.stdout + proc.stderr)
+  (out / policy / f"{arm}.log").write_text(proc.stdout + proc.stderr)
   if proc.returncode != 0:
-    raise RuntimeError(f"{policy}/{arm or 'run'} exited {proc.returncode}:\n"
+    raise RuntimeError(f"{policy}/{arm} exited {proc.returncode}:\n"
                        f"{(proc.stdout + proc.stderr)[-3000:]}")
   (workdir / "wall_s.txt").write_text(f"{wall:.1f}\n")
   return read_arm(workdir)
@@ -70,6 +79,7 @@ def summary(arm: dict, level_step: int) -> dict:
   val = c.get("val/success_rate", {})
   steps = sorted(c.get("reward/mean", {}))
   levels = c.get("curriculum/level", {})
+  late = steps[len(steps) // 2:]
   zero_var = c.get("reward/zero_variance_groups", {})
   return {
       "val_success_before": val.get(0), "val_success_after": val[max(val)] if val else None,
@@ -78,9 +88,17 @@ def summary(arm: dict, level_step: int) -> dict:
       "success": [round(c.get("reward/success_rate", {}).get(s, float("nan")), 3) for s in steps],
       "level": [levels.get(s) for s in steps],
       "level_climb_steps": ((max(levels.values()) - 1) / level_step) if levels else 0,
+      # The second half of the run, where arms that learn and arms that do not have parted.
+      "success_late_mean": _mean([c.get("reward/success_rate", {}).get(s) for s in late]),
+      "level_late_mean": _mean([levels.get(s) for s in late]),
       "zero_variance_groups": [round(zero_var.get(s, float("nan")), 3) for s in steps],
       "steps_with_signal": sum(zero_var.get(s, 1.0) < 1.0 for s in steps), "steps": len(steps),
       "wall_s": arm["wall_s"]}
+
+
+def _mean(values: list) -> float | None:
+  values = [v for v in values if v is not None]
+  return round(sum(values) / len(values), 3) if values else None
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -96,7 +114,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
       for row, tag in enumerate(("val/success_rate", "reward/success_rate", "curriculum/level")):
         series = c.get(tag, {})
         axes[row][col].plot(sorted(series), [series[s] for s in sorted(series)], marker="o",
-                            label=arm or "run")
+                            label=arm)
         axes[row][col].set_title(f"{policy}: {tag}")
         axes[row][col].set_xlabel("step")
     axes[0][col].legend()
@@ -106,9 +124,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--steps", type=int, default=12)
   p.add_argument("--policies", default="qwen2.5-coder-0.5b")
-  p.add_argument("--arms", default="run,negate_advantages,permute_rewards")
+  p.add_argument("--arms", default="run,frozen,negate_advantages,permute_rewards")
   p.add_argument("--out", default=str(REPO / "runs" / "learning"))
   p.add_argument("--plot", default=str(REPO / "benchmarks" / "learning.png"))
   p.add_argument("--level_step", type=int, default=3, help="the curriculum's step size")
@@ -119,17 +137,20 @@ def main():
   if bad:
     p.error(f"unrecognized arguments: {bad}")
   out = pathlib.Path(args.out)
-  arms = ["" if a == "run" else a for a in args.arms.split(",")]
+  arms = args.arms.split(",")
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown:
+    p.error(f"unknown arms {unknown}: choose from {list(ARMS)}")
   results: dict[str, dict[str, dict]] = {}
   for policy in args.policies.split(","):
     results[policy] = {}
     for arm in arms:
       if args.report_only:
-        results[policy][arm or "run"] = read_arm(out / policy / (arm or "run"))
+        results[policy][arm] = read_arm(out / policy / arm)
         continue
-      print(f"== {policy} / {arm or 'run'}: {args.steps} steps", flush=True)
-      results[policy][arm or "run"] = run_arm(policy, arm, args.steps, out, overrides)
-      s = summary(results[policy][arm or "run"], args.level_step)
+      print(f"== {policy} / {arm}: {args.steps} steps", flush=True)
+      results[policy][arm] = run_arm(policy, arm, args.steps, out, overrides)
+      s = summary(results[policy][arm], args.level_step)
       print(json.dumps({k: s[k] for k in ("val_success", "success", "level", "wall_s")}),
             flush=True)
   plot(results, pathlib.Path(args.plot))
@@ -147,6 +168,8 @@ def main():
       for arm, row in rows.items():
         if arm != "run" and row["val_success_before"] is not None:
           claims[f"{arm}_val_change"] = round(row["val_success_after"] - row["val_success_before"], 3)
+          claims[f"run_minus_{arm}_val_after"] = round(
+              run["val_success_after"] - row["val_success_after"], 3)
     report["policies"][policy] = {"arms": rows, "claims": claims}
   print(json.dumps(report))
 

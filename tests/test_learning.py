@@ -35,7 +35,8 @@ def test_the_loop_trains_on_a_signal(tmp_path):
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"),
          f"--config={ROOT / 'configs' / 'learning.py'}:qwen2.5-coder-0.5b",
          f"--workdir={tmp_path}", f"--config.train.steps={STEPS}",
-         f"--config.validation.every={STEPS}", f"--config.checkpoint.every={STEPS}"]
+         f"--config.validation.every={STEPS}", "--config.validation.num_tasks=12",
+         f"--config.checkpoint.every={STEPS}"]
   proc = subprocess.run(cmd, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
