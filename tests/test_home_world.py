@@ -7,6 +7,7 @@ import pytest
 
 from trustee_jax.simulator import doubles as dbl
 from trustee_jax.simulator import home_world as hw
+from trustee_jax.simulator import task_checks
 from trustee_jax.simulator import tasks as tl
 from trustee_jax.simulator import tools_pool
 
@@ -123,7 +124,7 @@ def test_world_is_deterministic_per_seed_and_varied_across_seeds():
     assert len(queries) >= 20
   for seed in range(30):
     task = draw(seed, num_expected_calls=3, persona_level=2)
-    assert not [n for n in task.tool_names if tl.mentions_tool(task.first_user_query, n)]
+    assert not [n for n in task.tool_names if task_checks.mentions_tool(task.first_user_query, n)]
 
 
 def _identity(task):

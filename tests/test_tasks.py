@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from trustee_jax.simulator import task_checks as tc
 from trustee_jax.simulator import tasks as tl
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.doubles import ScriptedClient
@@ -108,7 +109,7 @@ def test_schema_with_expected_arguments():
 
 def test_expected_calls_validation():
   schema = tl.task_schema(NAMES, 2, tools=TOOLS)
-  problems = lambda **over: tl.task_problems(reply(**over), schema, NAMES, TOOLS)
+  problems = lambda **over: tc.task_problems(reply(**over), schema, NAMES, TOOLS)
   assert problems() == []
   assert problems(expected_calls=[CALLS[0], {"name": "cancel_order", "arguments": {}}]) == [
       "expected_calls[1] calls 'cancel_order', not a sampled tool"]
@@ -126,7 +127,7 @@ def test_expected_calls_validation():
   assert problems(hidden_facts=["The product id is K-220."],
                   initial_state=["Card PM-7 is saved."])[0].startswith("expected_calls[1]")
   # Without the tools only the schema speaks.
-  assert tl.task_problems(reply(expected_calls=wrong), schema, NAMES)[0].startswith("schema: ")
+  assert tc.task_problems(reply(expected_calls=wrong), schema, NAMES)[0].startswith("schema: ")
 
 
 def test_make_task_carries_expected_calls():
@@ -188,7 +189,7 @@ def test_invalid_tasks_are_regenerated_with_new_seeds():
   assert task.first_user_query.startswith("Hi, I want")
   seeds = [r.kwargs["seed"] for r in client.requests]
   assert seeds[0] == 5 and len(set(seeds)) == 4
-  problems = tl.task_problems(reply(query="Order XXX for {name} on <date>"),
+  problems = tc.task_problems(reply(query="Order XXX for {name} on <date>"),
                               tl.task_schema(NAMES, 2, tools=TOOLS), NAMES, TOOLS)
   assert problems == ["placeholders instead of values: ['<date>', 'XXX', '{name}']"]
 
@@ -216,15 +217,6 @@ def test_switches_off_give_the_reference_task():
   assert "expected_calls" not in client.requests[0].prompt
   assert "hidden_facts" not in client.requests[0].prompt
   assert "initial_state" not in client.requests[0].prompt
-
-
-def test_mentions_tool():
-  assert tl.mentions_tool("Can you run add_to_cart?", "add_to_cart")
-  assert tl.mentions_tool("try getPetById please", "getPetById")
-  assert not tl.mentions_tool("add to cart please", "add_to_cart")
-  assert not tl.mentions_tool("search for flights", "search")  # plain words are language
-  assert not tl.mentions_tool("send sms to mom", "SEND SMS")
-  assert not tl.mentions_tool("readd_to_cart", "add_to_cart")
 
 
 def test_task_round_trips_through_json():
@@ -303,12 +295,12 @@ def test_system_prompt_levels():
 def test_unsaid_values_become_hidden_facts_when_configured():
   unsaid = [{"name": "add_to_cart", "arguments": {"product_id": "K-999", "quantity": 3}}, CALLS[1]]
   raw = reply(expected_calls=unsaid)
-  fixed = tl.with_unsaid_values_as_facts(raw, TOOLS)
+  fixed = tc.with_unsaid_values_as_facts(raw, TOOLS)
   assert fixed["hidden_facts"] == [*raw.get("hidden_facts", []),
                                    "For add_to_cart: product id is K-999, quantity is 3."]
   said = [fixed["user_intent"], fixed["first_user_query"], *fixed["hidden_facts"]]
-  assert tl.call_problems(unsaid, TOOLS, said) == []  # every expected value is now given
-  assert tl.with_unsaid_values_as_facts(reply(), TOOLS)["hidden_facts"] == reply().get(
+  assert tc.call_problems(unsaid, TOOLS, said) == []  # every expected value is now given
+  assert tc.with_unsaid_values_as_facts(reply(), TOOLS)["hidden_facts"] == reply().get(
       "hidden_facts", [])  # nothing unsaid, nothing added
   with pytest.raises(ValueError, match="unsaid_values"):
     tl.TaskGenConfig(unsaid_values="ignore")

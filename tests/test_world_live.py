@@ -19,6 +19,7 @@ from trustee_jax import seeding
 from trustee_jax.serving.server import ServerThread, load_simulator
 from trustee_jax.simulator import doubles
 from trustee_jax.simulator import judge as judge_lib
+from trustee_jax.simulator import task_checks
 from trustee_jax.simulator import tasks as tasks_lib
 from trustee_jax.simulator import tools as tools_lib
 from trustee_jax.simulator import tools_pool
@@ -168,7 +169,7 @@ def test_task_generator_output_is_valid_or_regenerated(server):
         seeding.retry_seed(req.seed, k) for k in range(len(raws))]  # a new seed each attempt
     for raw in raws:
       assert_valid(raw, schema)
-    problems = [tasks_lib.task_problems(raw, schema, names) for raw in raws]
+    problems = [task_checks.task_problems(raw, schema, names) for raw in raws]
     if i == forced:
       assert problems[0] == [f"first_user_query names tools {[names[0]]}"]
       assert len(raws) >= 2

@@ -21,6 +21,7 @@ import jsonschema
 import numpy as np
 
 from trustee_jax.config_dataclass import from_config
+from trustee_jax.simulator import task_checks
 from trustee_jax.simulator import tasks as tasks_lib
 from trustee_jax.simulator import tools_pool
 from trustee_jax.simulator.home_world import (CATEGORY, GENRES, SPECS, double_pool,  # noqa: F401
@@ -87,8 +88,8 @@ def heldout_tasks(n: int, seed: int, knobs: Any) -> list[tasks_lib.Task]:
       task = gen.draw(req.knobs, req.tools, req.category, req.seed)
     except tasks_lib.TaskGenerationError:
       continue
-    if tasks_lib.normalise_query(task.first_user_query) not in seen:
-      seen.add(tasks_lib.normalise_query(task.first_user_query))
+    if task_checks.normalise_query(task.first_user_query) not in seen:
+      seen.add(task_checks.normalise_query(task.first_user_query))
       out.append(task)
   raise RuntimeError(f"could not draw {n} distinct held-out tasks at knobs {knobs!r}")
 
