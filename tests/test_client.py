@@ -387,14 +387,6 @@ def test_prompted_json_asks_in_the_prompt_and_repairs_a_cut_reply():
   asyncio.run(main())
 
 
-def test_repair_json_closes_what_was_cut():
-  repair = client_lib.repair_json
-  assert repair('{"response": "ok", "reward": 1') == {"response": "ok", "reward": 1}
-  assert repair('x {"a": [1, {"b": "tr') == {"a": [1, {"b": "tr"}]}
-  assert repair('{"a": "q\\"uote') == {"a": 'q"uote'} and repair('{"a": 1,') == {"a": 1}
-  assert repair('{"a": ') is None and repair("no json") is None
-
-
 @pytest.mark.timeout(10)
 def test_chat_json_reasks_a_reply_cut_by_max_tokens():
   async def main():
@@ -440,26 +432,6 @@ def test_stats_lists_every_cause_and_reason_at_zero():
              for k in client_lib.CAUSES)
   assert all(stats[f"reasks/{r}"] == 0 for r in client_lib.REASK_REASONS)
   asyncio.run(c.aclose())
-
-
-@pytest.mark.parametrize("content,reasoning,expected", [
-    ('{"a": 1}', None, {"a": 1}),
-    ('<think>{"draft": 0}</think>\n{"a": 1}', None, {"a": 1}),
-    ('plan {x}</think>{"a": 1}', None, {"a": 1}),  # template put <think> in the prompt
-    ('Sure:\n```json\n{"a": [1, 2]}\n```\nDone.', None, {"a": [1, 2]}),
-    ('The answer is {"a": "}"} as asked.', None, {"a": "}"}),
-    ('', '{"a": 1}', {"a": 1}),
-    ('{"a": 2}', 'thinking about {"a": 1}', {"a": 2}),
-])
-def test_extract_json(content, reasoning, expected):
-  assert client_lib.extract_json(content, reasoning) == expected
-
-
-@pytest.mark.parametrize("content", ["", "no json", "<think>still thinking {\"a\": 1}",
-                                     '{"a": 1'])
-def test_extract_json_fails_loudly(content):
-  with pytest.raises(ValueError):
-    client_lib.extract_json(content)
 
 
 @pytest.mark.parametrize("body,expected", [

@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import jsonschema
 
+from trustee_jax.simulator import json_replies
+
 _log = logging.getLogger(__name__)
 
 CAUSES = ("timeout", "connect", "http_5xx", "http_429", "http_4xx", "bad_response",
@@ -185,77 +187,6 @@ def parse_choice(raw: Any, endpoint: str, index: int = 0) -> ChatResult:
                     finish_reason=finish, usage=usage, raw=raw, endpoint=endpoint)
 
 
-_THINK_END = "</think>"
-_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
-
-
-def _after_thinking(text: str) -> str:
-  """The text after a closed <think> block (all of it when there is none)."""
-  return text.rsplit(_THINK_END, 1)[1] if _THINK_END in text else text
-
-
-def extract_json(content: str, reasoning_content: str | None = None) -> Any:
-  """The JSON answer in a reply: after any <think> block, inside any ```json fence.
-
-  Falls back to reasoning_content only when content is empty (a server that left the
-  whole answer in the reasoning). Raises ValueError when there is no JSON to be found.
-  """
-  text = content if content.strip() else (reasoning_content or "")
-  if _THINK_END not in text and text.lstrip().startswith("<think>"):
-    raise ValueError("the reply is an unfinished <think> block")
-  text = _after_thinking(text)
-  fence = _FENCE.search(text)
-  if fence:
-    text = fence.group(1)
-  text = text.strip()
-  try:
-    return json.loads(text)
-  except ValueError:
-    pass
-  decoder = json.JSONDecoder()
-  for start in [m.start() for m in re.finditer(r"\{", text)][:64]:
-    try:
-      value, _ = decoder.raw_decode(text, start)
-    except ValueError:
-      continue
-    if isinstance(value, dict):
-      return value
-  raise ValueError(f"no JSON object in the reply: {_snippet(text)!r}")
-
-
-def repair_json(text: str) -> Any:
-  """A JSON object cut off mid-way (the reply hit max_tokens, or the model stopped early):
-  the text from its first "{" with any open string and open brackets closed, as the reference's
-  simulator repairs; None when that does not parse either."""
-  start = text.find("{")
-  if start < 0:
-    return None
-  body = text[start:].rstrip()
-  closers, in_string, escaped = [], False, False
-  for ch in body:
-    if in_string:
-      escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-    elif ch == '"':
-      in_string = True
-    elif ch in "{[":
-      closers.append("}" if ch == "{" else "]")
-    elif ch in "}]" and closers:
-      closers.pop()
-  if not in_string:
-    body = body.rstrip(",")
-  try:
-    return json.loads(body + ('"' if in_string else "") + "".join(reversed(closers)))
-  except ValueError:
-    return None
-
-
-def schema_instruction(schema: dict[str, Any]) -> str:
-  """What a prompted-JSON request adds to its prompt: the reply's form, as a JSON Schema."""
-  shown = {k: v for k, v in schema.items() if k != "x-guidance"}
-  return ("\n\nAnswer with one JSON object and nothing else, matching this JSON Schema:\n"
-          + json.dumps(shown, ensure_ascii=False))
-
-
 def _schema_name(role: str) -> str:
   """OpenAI restricts json_schema names to [a-zA-Z0-9_-]{1,64}."""
   return re.sub(r"[^a-zA-Z0-9_-]", "_", role)[:64] or "output"
@@ -390,7 +321,7 @@ class SimulatorClient:
         "type": "json_schema",
         "json_schema": {"name": _schema_name(role), "schema": schema, "strict": True}}
     if prompted:
-      last = dict(messages[-1], content=str(messages[-1]["content"]) + schema_instruction(schema))
+      last = dict(messages[-1], content=str(messages[-1]["content"]) + json_replies.schema_instruction(schema))
       messages = [*messages[:-1], last]
     seed = sampling.pop("seed", None)
     problem, endpoint = "", self.config.urls[0]
@@ -405,9 +336,9 @@ class SimulatorClient:
         reason, problem = "length", "the reply was cut by max_tokens"
         continue
       try:
-        value = extract_json(result.content, result.reasoning_content)
+        value = json_replies.extract_json(result.content, result.reasoning_content)
       except ValueError as e:
-        value = repair_json(_after_thinking(result.content)) if prompted else None
+        value = json_replies.repair_json(json_replies.after_thinking(result.content)) if prompted else None
         if value is None:
           reason, problem = "invalid_json", str(e)
           continue
