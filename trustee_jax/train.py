@@ -314,7 +314,8 @@ class Trainer:
     return tasks
 
   async def validate(self, step: int, tasks: list) -> dict[str, float]:
-    """Validation sampling settings (DESIGN.md §7) on the fixed tasks; logged apart."""
+    """Validation sampling settings (DESIGN.md §7) on the fixed tasks; logged apart, every
+    episode written (episodes/validation_STEP.jsonl) so runs compare task by task."""
     v = self.cfg.validation
     cfg = dataclasses.replace(self.rollout_cfg, group_size=v.samples, temperature=v.temperature,
                               top_p=v.top_p, top_k=v.top_k)
@@ -323,6 +324,7 @@ class Trainer:
         cfg=cfg, seed=seeding.derive_seed(self.host_seed, -1), step=step,
         max_concurrent=self.cfg.rollout_concurrency, min_group=1)
     eps = result.episodes
+    self.log.episodes(step, eps, tasks, float(v.get("level", 0)), kind="validation")
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
             "val/success_rate": float(np.mean([e.judge_score == 1 for e in eps])) if eps else 0.0,
             "val/episodes": float(len(eps))}

@@ -106,9 +106,10 @@ class RunLogger:
       out[f"knobs/{key}"] = _mean([t.knobs[key] for t in tasks])
     return out
 
-  def episodes(self, step: int, episodes, tasks, level: float) -> None:
-    """Whole episodes (task, conversation, rewards, the judge's reason) as JSONL and text."""
-    path = self.workdir / "episodes" / f"step_{step}.jsonl"
+  def episodes(self, step: int, episodes, tasks, level: float, kind: str = "step") -> None:
+    """Whole episodes (task, conversation, rewards, the judge's reason) as JSONL and text, under
+    `episodes/{kind}_{step}.jsonl`: "step" for training, "validation" for the held-out set."""
+    path = self.workdir / "episodes" / f"{kind}_{step}.jsonl"
     lines = []
     for e in episodes:
       task = tasks[e.task_index]
@@ -126,7 +127,7 @@ class RunLogger:
     if lines:
       text = "\n\n".join("```json\n" + json.dumps(json.loads(l), indent=1, default=str)[:6000]
                          + "\n```" for l in lines[:2])
-      self.writer.add_text("episodes", text, step)
+      self.writer.add_text("episodes" if kind == "step" else f"episodes/{kind}", text, step)
 
   def flush(self) -> None:
     self.writer.flush()
