@@ -79,17 +79,18 @@ def summary(arm: dict, level_step: int) -> dict:
   val = c.get("val/success_rate", {})
   steps = sorted(c.get("reward/mean", {}))
   levels = c.get("curriculum/level", {})
+  success = c.get("reward/success_rate", {})
   late = steps[len(steps) // 2:]
   zero_var = c.get("reward/zero_variance_groups", {})
   return {
       "val_success_before": val.get(0), "val_success_after": val[max(val)] if val else None,
       "val_success": [val[s] for s in sorted(val)], "val_steps": sorted(val),
       "reward_mean": [round(c["reward/mean"][s], 3) for s in steps],
-      "success": [round(c.get("reward/success_rate", {}).get(s, float("nan")), 3) for s in steps],
+      "success": [round(success.get(s, float("nan")), 3) for s in steps],
       "level": [levels.get(s) for s in steps],
       "level_climb_steps": ((max(levels.values()) - 1) / level_step) if levels else 0,
       # The second half of the run, where arms that learn and arms that do not have parted.
-      "success_late_mean": _mean([c.get("reward/success_rate", {}).get(s) for s in late]),
+      "success_late_mean": _mean([success.get(s) for s in late]),
       "level_late_mean": _mean([levels.get(s) for s in late]),
       "zero_variance_groups": [round(zero_var.get(s, float("nan")), 3) for s in steps],
       "steps_with_signal": sum(zero_var.get(s, 1.0) < 1.0 for s in steps), "steps": len(steps),

@@ -73,9 +73,9 @@ def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
   assert 1 <= len(json.loads((tmp_path / "validation_tasks.json").read_text())) <= 2
   lines = (tmp_path / "episodes" / "step_2.jsonl").read_text().splitlines()
   assert lines and '"messages"' in lines[0] and '"judge_reason"' in lines[0]
+  val_tasks = json.loads((tmp_path / "validation_tasks.json").read_text())
   for step in (0, 2):  # every held-out episode, so that runs compare task by task
     val = (tmp_path / "episodes" / f"validation_{step}.jsonl").read_text().splitlines()
-    val_tasks = json.loads((tmp_path / "validation_tasks.json").read_text())
     assert len(val) == len(val_tasks) * cfg.validation.samples and '"messages"' in val[0]
   # The same workdir with another model shape is refused, by name.
   other = load_config("test", **{"train.steps": 3, "model.name": "tiny-qwen3",

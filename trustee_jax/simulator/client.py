@@ -28,13 +28,13 @@ import httpx
 import jsonschema
 
 from trustee_jax.simulator import json_replies
+from trustee_jax.simulator.json_replies import snippet
 
 _log = logging.getLogger(__name__)
 
 CAUSES = ("timeout", "connect", "http_5xx", "http_429", "http_4xx", "bad_response",
           "invalid_output")
 REASK_REASONS = ("invalid_json", "schema", "length")
-_SNIPPET = 500
 
 
 class SimulatorError(RuntimeError):
@@ -107,28 +107,24 @@ class _AttemptError(Exception):
     self.cause, self.message, self.retry, self.retry_after = cause, message, retry, retry_after
 
 
-def _snippet(text: str) -> str:
-  return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
-
-
 def error_message(body: str) -> str:
   """The server's own error text from an error body (SGLang, OpenAI/vLLM, FastAPI or plain)."""
   try:
     data = json.loads(body)
   except ValueError:
-    return _snippet(body.strip()) or "(empty body)"
+    return snippet(body.strip()) or "(empty body)"
   if isinstance(data, dict):
     err = data.get("error")
     if isinstance(err, dict) and "message" in err:  # OpenAI / vLLM
-      return _snippet(str(err["message"]))
+      return snippet(str(err["message"]))
     if "message" in data:  # SGLang ErrorResponse {"object": "error", "message": ...}
-      return _snippet(str(data["message"]))
+      return snippet(str(data["message"]))
     if isinstance(err, str):  # SGLang's API-key middleware {"error": "Unauthorized"}
       return err
     if "detail" in data:  # FastAPI HTTPException / validation error
-      return _snippet(json.dumps(data["detail"]) if not isinstance(data["detail"], str)
-                      else data["detail"])
-  return _snippet(body.strip())
+      return snippet(json.dumps(data["detail"]) if not isinstance(data["detail"], str)
+                   else data["detail"])
+  return snippet(body.strip())
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -150,7 +146,7 @@ def _normalise_tool_call(call: Any) -> dict[str, Any]:
   """A tool call as OpenAI shapes it: id, type, function {name, arguments as a JSON string}."""
   fn = call.get("function") if isinstance(call, dict) else None
   if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-    raise ValueError(f"malformed tool call {_snippet(json.dumps(call))}")
+    raise ValueError(f"malformed tool call {snippet(json.dumps(call))}")
   args = fn.get("arguments")
   if args is None:
     args = "{}"
@@ -164,11 +160,11 @@ def parse_choice(raw: Any, endpoint: str, index: int = 0) -> ChatResult:
   """Reads choice `index` of a chat-completion body; raises ValueError when it is malformed."""
   choices = raw.get("choices") if isinstance(raw, dict) else None
   if not isinstance(choices, list) or len(choices) <= index:
-    raise ValueError(f"reply has no choices[{index}]: {_snippet(json.dumps(raw))}")
+    raise ValueError(f"reply has no choices[{index}]: {snippet(json.dumps(raw))}")
   choice = choices[index]
   message = choice.get("message") if isinstance(choice, dict) else None
   if not isinstance(message, dict):
-    raise ValueError(f"choice has no message: {_snippet(json.dumps(choice))}")
+    raise ValueError(f"choice has no message: {snippet(json.dumps(choice))}")
   finish = choice.get("finish_reason")
   if finish == "abort":
     raise ValueError("the server aborted the generation (finish_reason 'abort')")
@@ -257,11 +253,11 @@ class SimulatorClient:
     if 400 <= status < 500:
       raise _AttemptError("http_4xx", f"{status}: {error_message(resp.text)}", retry=False)
     if status != 200:
-      raise _AttemptError("bad_response", f"unexpected status {status}: {_snippet(resp.text)}")
+      raise _AttemptError("bad_response", f"unexpected status {status}: {snippet(resp.text)}")
     try:
       raw = resp.json()
     except ValueError as e:
-      raise _AttemptError("bad_response", f"reply is not JSON: {_snippet(resp.text)!r}") from e
+      raise _AttemptError("bad_response", f"reply is not JSON: {snippet(resp.text)!r}") from e
     try:
       return parse_choice(raw, url)
     except ValueError as e:
@@ -321,7 +317,8 @@ class SimulatorClient:
         "type": "json_schema",
         "json_schema": {"name": _schema_name(role), "schema": schema, "strict": True}}
     if prompted:
-      last = dict(messages[-1], content=str(messages[-1]["content"]) + json_replies.schema_instruction(schema))
+      last = dict(messages[-1], content=str(messages[-1]["content"])
+                  + json_replies.schema_instruction(schema))
       messages = [*messages[:-1], last]
     seed = sampling.pop("seed", None)
     problem, endpoint = "", self.config.urls[0]
@@ -338,7 +335,8 @@ class SimulatorClient:
       try:
         value = json_replies.extract_json(result.content, result.reasoning_content)
       except ValueError as e:
-        value = json_replies.repair_json(json_replies.after_thinking(result.content)) if prompted else None
+        value = (json_replies.repair_json(json_replies.after_thinking(result.content))
+                 if prompted else None)
         if value is None:
           reason, problem = "invalid_json", str(e)
           continue

@@ -88,8 +88,9 @@ def heldout_tasks(n: int, seed: int, knobs: Any) -> list[tasks_lib.Task]:
       task = gen.draw(req.knobs, req.tools, req.category, req.seed)
     except tasks_lib.TaskGenerationError:
       continue
-    if task_checks.normalise_query(task.first_user_query) not in seen:
-      seen.add(task_checks.normalise_query(task.first_user_query))
+    query = task_checks.normalise_query(task.first_user_query)
+    if query not in seen:
+      seen.add(query)
       out.append(task)
   raise RuntimeError(f"could not draw {n} distinct held-out tasks at knobs {knobs!r}")
 

@@ -11,6 +11,11 @@ _THINK_END = "</think>"
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
 
 
+def snippet(text: str) -> str:
+  """`text` as quoted in an error message: its first 500 characters, "..." when cut."""
+  return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
+
+
 def after_thinking(text: str) -> str:
   """The text after a closed <think> block (all of it when there is none)."""
   return text.rsplit(_THINK_END, 1)[1] if _THINK_END in text else text
@@ -42,7 +47,7 @@ def extract_json(content: str, reasoning_content: str | None = None) -> Any:
       continue
     if isinstance(value, dict):
       return value
-  raise ValueError(f"no JSON object in the reply: {text[:_SNIPPET]!r}")
+  raise ValueError(f"no JSON object in the reply: {snippet(text)!r}")
 
 
 def repair_json(text: str) -> Any:

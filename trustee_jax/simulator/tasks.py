@@ -261,11 +261,11 @@ async def generate_batch(generator: Any, requests: Sequence[TaskRequest], *, rou
     for i, out in zip(pending, outs):
       if isinstance(out, TaskGenerationError):
         reasons[i] = str(out)
-      elif task_checks.normalise_query(out.first_user_query) in seen:
+      elif (query := task_checks.normalise_query(out.first_user_query)) in seen:
         reasons[i] = f"duplicate first query after {r + 1} round(s): {out.first_user_query[:80]!r}"
         retry.append(i)
       else:
-        seen.add(task_checks.normalise_query(out.first_user_query))
+        seen.add(query)
         done[i] = out
         reasons.pop(i, None)
     pending = retry
