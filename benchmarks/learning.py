@@ -35,8 +35,12 @@ from trustee_jax.train_logging import scalar_series  # noqa: E402
 TAGS = ("reward/mean", "reward/success_rate", "curriculum/level", "reward/zero_variance_groups",
         "episodes/with_valid_tool_call", "episodes/untagged_tool_calls", "train/loss",
         "train/advantage_abs_mean", "train/nonzero_advantage_frac", "val/success_rate",
-        "val/reward_mean", "time/rollout", "time/update")
+        "val/reward_mean", "time/rollout", "time/update", "oracle/success_rate",
+        "oracle/pass_agreement", "oracle/judge_false_pass", "oracle/judge_false_fail",
+        "val/oracle_success_rate", "val/oracle_pass_agreement")
 
+ORACLE_TAGS = {"val/success_rate": "val/oracle_success_rate",
+               "reward/success_rate": "oracle/success_rate"}
 
 # What each arm changes; it comes after the invocation's own --config flags, so it wins.
 ARMS = {"run": [], "frozen": ["--config.train.optimizer.learning_rate=0.0"],
@@ -44,21 +48,28 @@ ARMS = {"run": [], "frozen": ["--config.train.optimizer.learning_rate=0.0"],
         "permute_rewards": ["--config.train.control=permute_rewards"]}
 
 
-def run_arm(policy: str, arm: str, steps: int, out: pathlib.Path, extra: list[str]) -> dict:
+def label(policy: str, world: str) -> str:
+  """An arm's policy label and directory: the policy, marked `@lm` in the LM world."""
+  return policy if world == "rule" else f"{policy}@{world}"
+
+
+def run_arm(policy: str, world: str, arm: str, steps: int, out: pathlib.Path,
+            extra: list[str]) -> dict:
   """One training run of `launch/train.py` in a fresh workdir; its curves and wall time."""
-  workdir = out / policy / arm
+  name = label(policy, world)
+  workdir = out / name / arm
   if workdir.exists():
     subprocess.run(["rm", "-rf", str(workdir)], check=True)
   cmd = [sys.executable, str(REPO / "launch" / "train.py"),
-         f"--config={REPO / 'configs' / 'learning.py'}:{policy}", f"--workdir={workdir}",
+         f"--config={REPO / 'configs' / 'learning.py'}:{policy},{world}", f"--workdir={workdir}",
          f"--config.train.steps={steps}", *extra, *ARMS[arm]]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.perf_counter() - t0
-  (out / policy).mkdir(parents=True, exist_ok=True)
-  (out / policy / f"{arm}.log").write_text(proc.stdout + proc.stderr)
+  (out / name).mkdir(parents=True, exist_ok=True)
+  (out / name / f"{arm}.log").write_text(proc.stdout + proc.stderr)
   if proc.returncode != 0:
-    raise RuntimeError(f"{policy}/{arm} exited {proc.returncode}:\n"
+    raise RuntimeError(f"{name}/{arm} exited {proc.returncode}:\n"
                        f"{(proc.stdout + proc.stderr)[-3000:]}")
   (workdir / "wall_s.txt").write_text(f"{wall:.1f}\n")
   return read_arm(workdir)
@@ -82,7 +93,7 @@ def summary(arm: dict, level_step: int) -> dict:
   success = c.get("reward/success_rate", {})
   late = steps[len(steps) // 2:]
   zero_var = c.get("reward/zero_variance_groups", {})
-  return {
+  return {**oracle_summary(c, steps),
       "val_success_before": val.get(0), "val_success_after": val[max(val)] if val else None,
       "val_success": [val[s] for s in sorted(val)], "val_steps": sorted(val),
       "reward_mean": [round(c["reward/mean"][s], 3) for s in steps],
@@ -95,6 +106,44 @@ def summary(arm: dict, level_step: int) -> dict:
       "zero_variance_groups": [round(zero_var.get(s, float("nan")), 3) for s in steps],
       "steps_with_signal": sum(zero_var.get(s, 1.0) < 1.0 for s in steps), "steps": len(steps),
       "wall_s": arm["wall_s"]}
+
+
+def oracle_summary(c: dict, steps: list[int]) -> dict:
+  """Where a rule oracle scored the episodes (the LM world): its success beside the judge's, per
+  step and held out, their pass/fail agreement, the judge's false passes and false fails, and
+  the correlation of the judge's success with the oracle's over the steps. Else {}."""
+  oracle = c.get("oracle/success_rate", {})
+  if not oracle:
+    return {}
+  judge, val = c.get("reward/success_rate", {}), c.get("val/oracle_success_rate", {})
+  at = lambda tag: [c.get(tag, {}).get(s) for s in steps]  # noqa: E731
+  return {"oracle_success": [_round(oracle.get(s)) for s in steps],
+          "pass_agreement": [_round(v) for v in at("oracle/pass_agreement")],
+          "pass_agreement_mean": _mean(at("oracle/pass_agreement")),
+          "judge_false_pass_mean": _mean(at("oracle/judge_false_pass")),
+          "judge_false_fail_mean": _mean(at("oracle/judge_false_fail")),
+          "judge_oracle_success_corr": _corr(at("reward/success_rate"), at("oracle/success_rate")),
+          "val_oracle_success_before": val.get(0), "val_oracle_success_after":
+              val[max(val)] if val else None,
+          "val_oracle_pass_agreement": [_round(v) for _, v in
+                                        sorted(c.get("val/oracle_pass_agreement", {}).items())],
+          "judge_success_late_mean": _mean([judge.get(s) for s in steps[len(steps) // 2:]]),
+          "oracle_success_late_mean": _mean([oracle.get(s) for s in steps[len(steps) // 2:]])}
+
+
+def _round(v: float | None) -> float | None:
+  return None if v is None else round(v, 3)
+
+
+def _corr(xs: list, ys: list) -> float | None:
+  """Pearson's r over the pairs both have; None when either side does not vary."""
+  pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+  if len(pairs) < 2:
+    return None
+  mx, my = (sum(v) / len(pairs) for v in zip(*pairs))
+  sxy = sum((x - mx) * (y - my) for x, y in pairs)
+  sxx, syy = (sum((v - m) ** 2 for v in vs) for vs, m in zip(zip(*pairs), (mx, my)))
+  return round(sxy / (sxx * syy) ** 0.5, 3) if sxx > 0 and syy > 0 else None
 
 
 def _mean(values: list) -> float | None:
@@ -116,6 +165,10 @@ def plot(results: dict, path: pathlib.Path) -> None:
         series = c.get(tag, {})
         axes[row][col].plot(sorted(series), [series[s] for s in sorted(series)], marker="o",
                             label=arm)
+        oracle = c.get(ORACLE_TAGS.get(tag, ""), {})  # the LM world: the oracle's, dashed
+        if oracle:
+          axes[row][col].plot(sorted(oracle), [oracle[s] for s in sorted(oracle)], marker="x",
+                              linestyle="--", label=f"{arm}: rule oracle")
         axes[row][col].set_title(f"{policy}: {tag}")
         axes[row][col].set_xlabel("step")
     axes[0][col].legend()
@@ -127,6 +180,9 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=12)
   p.add_argument("--policies", default="qwen2.5-coder-0.5b")
+  p.add_argument("--world", default="rule", choices=("rule", "lm"),
+                 help="rule: the rule-checked home world; lm: its tasks with the LM simulator "
+                      "as user, tools and judge, and the rule oracle scoring beside the judge")
   p.add_argument("--arms", default="run,frozen,negate_advantages,permute_rewards")
   p.add_argument("--out", default=str(REPO / "runs" / "learning"))
   p.add_argument("--plot", default=str(REPO / "benchmarks" / "learning.png"))
@@ -144,14 +200,15 @@ def main():
     p.error(f"unknown arms {unknown}: choose from {list(ARMS)}")
   results: dict[str, dict[str, dict]] = {}
   for policy in args.policies.split(","):
-    results[policy] = {}
+    name = label(policy, args.world)
+    results[name] = {}
     for arm in arms:
       if args.report_only:
-        results[policy][arm] = read_arm(out / policy / arm)
+        results[name][arm] = read_arm(out / name / arm)
         continue
-      print(f"== {policy} / {arm}: {args.steps} steps", flush=True)
-      results[policy][arm] = run_arm(policy, arm, args.steps, out, overrides)
-      s = summary(results[policy][arm], args.level_step)
+      print(f"== {name} / {arm}: {args.steps} steps", flush=True)
+      results[name][arm] = run_arm(policy, args.world, arm, args.steps, out, overrides)
+      s = summary(results[name][arm], args.level_step)
       print(json.dumps({k: s[k] for k in ("val_success", "success", "level", "wall_s")}),
             flush=True)
   plot(results, pathlib.Path(args.plot))

@@ -3,23 +3,36 @@ rule-checked home world, where success is checked from the ledger, on 2 CPU core
 
   python launch/train.py --config configs/learning.py:qwen2.5-coder-0.5b --workdir runs/learn
 
-The argument names the policy (`qwen2.5-coder-0.5b`, the default, or `smollm2`). The curriculum
+The argument names the policy (`qwen2.5-coder-0.5b`, the default, or `smollm2`), and with `,lm`
+(`qwen2.5-coder-0.5b,lm`) the same tasks in the LM world: the demo's simulator (the 0.5B through
+two llama.cpp processes) plays the user, the tools and the judge (the demo's `blend` mode), and
+the rule oracle scores every episode beside it (`oracle/*`, `val/oracle_*`), so the run shows
+whether the LM judge's reward tracks true success as the policy trains. The tasks stay the rule
+family's (`world.task_source="rule"`): an LM-written task has no oracle to check. The curriculum
 climbs faster than the reference's (its multipliers reach the hard tasks by level 40, not 100) so
 that a short run crosses several difficulties. 12 steps at lr 2e-4, one update a step: the rate
 between 5e-5 (the policy did not move in 5 steps) and 1e-3 with two updates (it collapsed within 5
 steps), see benchmarks/README.md. Validation is greedy on 24 fixed held-out tasks at level 14,
 where a 12-step run's curriculum goes (it reached 13-16), before training and at the end.
 """
+import pathlib
+
 import ml_collections
 
+from trustee_jax import config_files
 from trustee_jax.default_config import default_config
 
 POLICIES = ("qwen2.5-coder-0.5b", "smollm2")
+WORLDS = ("rule", "lm")
+_DEMO = pathlib.Path(__file__).with_name("demo.py")
 
 
-def get_config(policy: str = "qwen2.5-coder-0.5b"):
-  if policy not in POLICIES:
-    raise ValueError(f"configs/learning.py takes a policy in {POLICIES}, got {policy!r}")
+def get_config(arg: str = "qwen2.5-coder-0.5b"):
+  policy, _, world = arg.partition(",")
+  world = world or "rule"
+  if policy not in POLICIES or world not in WORLDS:
+    raise ValueError(f"configs/learning.py takes POLICY[,WORLD], a policy in {POLICIES} and a "
+                     f"world in {WORLDS}, got {arg!r}")
   c = default_config()
   c.model.update(name=policy, tokenizer=policy)
   c.engine.update(num_slots=8, cache_len=768)
@@ -44,4 +57,8 @@ def get_config(policy: str = "qwen2.5-coder-0.5b"):
   c.checkpoint.update(every=6, keep=1)
   c.log.update(episodes_per_log=16)
   c.progress_bar = False
+  if world == "lm":
+    demo = config_files.get_config(_DEMO)
+    c.simulator, c.world = demo.simulator, demo.world
+    c.world.update(task_source="rule", oracle="rule")
   return c

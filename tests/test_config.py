@@ -26,8 +26,9 @@ CLASSES = {"rollout": rollout.RolloutConfig, "grpo": grpo.GRPOConfig,
            "curriculum": curriculum.CurriculumConfig, "world.task": tasks.TaskGenConfig,
            "world.user": user.UserConfig, "world.tools": tools.ToolSimConfig,
            "world.judge": judge.JudgeConfig, "world.task_refill": world.TaskRefill}
-SHIPPED = ["demo", "learning", "learning:smollm2", "test", "trustee_paper", "qwen3_8b:gpu",
-           "qwen3_8b:gpu8", "qwen3_8b:tpu", "ablations:no_curriculum", "ablations:no_user_intent"]
+SHIPPED = ["demo", "learning", "learning:smollm2", "learning:qwen2.5-coder-0.5b,lm", "test",
+           "trustee_paper", "qwen3_8b:gpu", "qwen3_8b:gpu8", "qwen3_8b:tpu",
+           "ablations:no_curriculum", "ablations:no_user_intent"]
 
 
 def block_of(cfg, path: str):

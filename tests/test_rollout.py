@@ -125,6 +125,26 @@ def test_turn_rewards_follow_each_turn(chat, tokenizer):
   assert ep.num_tool_calls == 2 and ep.judge_score == 1
 
 
+class FailingJudge:
+  """Scores every episode -1: a judge the oracle disagrees with when the agent succeeds."""
+
+  async def score(self, task, messages, num_criteria, seed):
+    return doubles.Judgement(-1, "always -1", (-1,))
+
+
+def test_an_oracle_scores_beside_the_judge_and_the_reward_stays_the_judges(chat, tokenizer):
+  task = make_task()
+  turns = [right_call(task), "All set."]
+  w = dataclasses.replace(world(), judge=FailingJudge())
+  w.oracle = doubles.JudgeDouble()
+  ep = asyncio.run(rollout.run_episode(
+      task, 0, 0, engine=ScriptedPolicy(tokenizer, turns, chat.end_of_turn_id), chat=chat,
+      tokenizer=tokenizer, world=w, cfg=rollout.RolloutConfig(group_size=1), seed=1))
+  assert (ep.judge_score, ep.oracle_score, ep.reward) == (-1, 1, -1.0)
+  plain = run(task, ScriptedPolicy(tokenizer, turns, chat.end_of_turn_id), chat, tokenizer)
+  assert plain.oracle_score is None and plain.judge_score == 1  # no oracle: none scored
+
+
 def test_budget_cut_appends_masked_end_of_turn(chat, tokenizer):
   task = make_task()
   eot = chat.end_of_turn_id

@@ -59,9 +59,11 @@ def launch(workdir, steps, extra=()):
 
 @pytest.mark.timeout(900)
 def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
-  cfg = load_config("test", **{"train.steps": 2})
+  # The rule oracle scores beside the coin judge: its figures are logged, never trained on.
+  cfg = load_config("test", **{"train.steps": 2, "world.oracle": "rule"})
   last = train.train(cfg, tmp_path)
-  assert {"reward/mean", "curriculum/level", "train/loss", "time/rollout"} <= set(last)
+  assert {"reward/mean", "curriculum/level", "train/loss", "time/rollout",
+          "oracle/pass_agreement", "oracle/success_rate"} <= set(last)
   assert 0 < last["rollout/policy_busy_frac"] <= 1  # the engine's device time in the rollout
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == [1, 2]
@@ -69,10 +71,12 @@ def test_train_writes_checkpoints_logs_and_episodes(tmp_path):
               "time/update", "world/tasks/generated"):
     assert scalar_steps(tmp_path / "tb", tag) == [1, 2], tag
   assert scalar_steps(tmp_path / "tb", "val/reward_mean") == [0, 2]  # before training, every 2
+  assert scalar_steps(tmp_path / "tb", "val/oracle_pass_agreement") == [0, 2]
   assert_signal(tmp_path / "tb", [1, 2])
   assert 1 <= len(json.loads((tmp_path / "validation_tasks.json").read_text())) <= 2
   lines = (tmp_path / "episodes" / "step_2.jsonl").read_text().splitlines()
   assert lines and '"messages"' in lines[0] and '"judge_reason"' in lines[0]
+  assert all(json.loads(line)["oracle_score"] in (-1, 0, 1) for line in lines)
   val_tasks = json.loads((tmp_path / "validation_tasks.json").read_text())
   for step in (0, 2):  # every held-out episode, so that runs compare task by task
     val = (tmp_path / "episodes" / f"validation_{step}.jsonl").read_text().splitlines()
@@ -124,8 +128,9 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
 
 SHIPPED_CONFIGS = sorted({p.stem for p in (ROOT / "configs").glob("*.py")}
                          - {"qwen3_8b", "ablations"}
-                         | {"learning:smollm2", "qwen3_8b:gpu", "qwen3_8b:gpu8", "qwen3_8b:tpu",
-                            "ablations:no_curriculum", "ablations:hard_curriculum"})
+                         | {"learning:smollm2", "learning:qwen2.5-coder-0.5b,lm", "qwen3_8b:gpu",
+                            "qwen3_8b:gpu8", "qwen3_8b:tpu", "ablations:no_curriculum",
+                            "ablations:hard_curriculum"})
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)

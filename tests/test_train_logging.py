@@ -146,3 +146,14 @@ def test_the_checkpointer_keeps_a_gs_directory(gcs, monkeypatch):
   finally:
     ckpt.close()
   assert "/bucket/run/checkpoints" in gcs.pseudo_dirs  # made there by Orbax, through epath
+
+
+def test_oracle_scalars_say_how_the_judge_tracks_the_oracle():
+  def ep(judge, oracle):
+    return types.SimpleNamespace(judge_score=judge, oracle_score=oracle)
+  eps = [ep(1, 1), ep(1, 0), ep(0, 0), ep(-1, 1), ep(1, None)]  # the last: not scored
+  assert train_logging.oracle_scalars(eps, "oracle/") == {
+      "oracle/success_rate": 0.5, "oracle/score_mean": 0.5, "oracle/pass_agreement": 0.5,
+      "oracle/score_agreement": 0.5, "oracle/judge_false_pass": 0.25,
+      "oracle/judge_false_fail": 0.25}
+  assert train_logging.oracle_scalars([ep(1, None)], "oracle/") == {}

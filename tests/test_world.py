@@ -129,3 +129,34 @@ def test_outage_is_waited_out_then_named():
   w = flaky_world(FlakyGenerator(outages=10 ** 6), outage_wait_s=0.05)
   with pytest.raises(SimulatorError, match=r"127\.0\.0\.1:1.*gave up after waiting.*outage_wait_s"):
     asyncio.run(w.make_tasks(knobs(1, 2), 0))
+
+
+def test_an_lm_world_can_play_the_rule_tasks_and_score_them_by_their_oracle():
+  """world.task_source='rule': the home family's tasks (made here, no server needed) with the
+  LM in the other roles; world.oracle='rule' adds the rule judge beside the LM one."""
+  cfg = default_config()
+  cfg.simulator.update(mode="url", urls=("http://127.0.0.1:9",))
+  cfg.world.update(task_source="rule", oracle="rule")
+
+  async def go():
+    w = await world.build_world(cfg)
+    assert isinstance(w.generator, doubles.TaskGeneratorDouble)
+    assert isinstance(w.oracle, doubles.JudgeDouble) and not isinstance(w.judge, doubles.JudgeDouble)
+    knobs = dict(num_tools=2, num_expected_calls=1, persona_level=0, ambiguity_level=0,
+                 expected_turns=1, system_prompt_level=1, num_criteria=1, max_user_turns=3,
+                 max_assistant_turns=4, max_tool_turns=3)
+    (task,) = await w.make_tasks([knobs], seed=0)
+    assert task.oracle["calls"] and task.expected_calls
+    await w.aclose()
+  asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode, source, oracle, match", [
+    ("url", "lm", "rule", "carry a rule oracle"), ("url", "lm", "lm", "world.oracle"),
+    ("doubles", "ledger", "", "world.task_source")])
+def test_an_oracle_needs_tasks_that_carry_one(mode, source, oracle, match):
+  cfg = default_config()
+  cfg.simulator.update(mode=mode, urls=("http://127.0.0.1:9",))
+  cfg.world.update(task_source=source, oracle=oracle)
+  with pytest.raises(ValueError, match=match):
+    asyncio.run(world.build_world(cfg))

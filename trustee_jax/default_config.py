@@ -64,6 +64,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.world = ml_collections.ConfigDict()
   c.world.tool_pool = ""  # "" = the shipped pool; or a path (TRUSTEE's toolbench_tools.json)
   c.world.lenient_pool = False
+  # task_source "rule": an LM world plays the rule-checked home family's tasks (tools from its
+  # pool), which carry an oracle; oracle "rule" scores every episode by it beside the judge
+  # (logged under oracle/ and val/oracle_, never trained on): does the judge track success?
+  c.world.task_source = "lm"  # lm | rule
+  c.world.oracle = ""  # "" | rule
   c.world.task = ml_collections.ConfigDict(dict(
       hidden_facts=True, initial_state=True, expected_arguments=True, max_attempts=3,
       thinking_prompt=False,

@@ -122,6 +122,9 @@ class Roles(Protocol):
   @property
   def judge(self) -> JudgeRole: ...
 
+  # Optional: `oracle`, a JudgeRole that scores every episode beside the judge (world.oracle,
+  # the rule check of tasks that carry one); logged under oracle/, never trained on.
+
 
 @runtime_checkable
 class World(Roles, Protocol):
@@ -161,6 +164,7 @@ class Episode:
   judge_score: int = 0
   judge_reason: str = ""
   judge_check: dict[str, float] | None = None  # the rule check's parts, where the task has one
+  oracle_score: int | None = None  # the world's oracle's score beside the judge's, if it has one
   messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   num_turns: int = 0
   num_tool_calls: int = 0
@@ -328,6 +332,9 @@ async def run_episode(task, task_index: int, episode_index: int, *, engine, chat
   ep.turn_rewards = np.asarray(seq.turn_rewards, np.float32)
   ep.judge_score, ep.judge_reason = int(judgement.score), judgement.reason
   ep.judge_check = judgement.check
+  if (oracle := getattr(world, "oracle", None)) is not None:  # the whole task, all messages
+    ep.oracle_score = int((await oracle.score(conversation, messages, knobs["num_criteria"],
+                                              derive_seed(seed, 0, 4))).score)
   ep.reward = episode_reward(judgement, ep, cfg)
   ep.messages, ep.num_turns = messages, assistant_turns
   return ep

@@ -25,7 +25,7 @@ from trustee_jax.chat import ChatFormat
 from trustee_jax.sampling.sglang_backend import build_policy_backend, logprob_gap
 from trustee_jax.simulator import validation_file
 from trustee_jax.simulator.tasks import Task
-from trustee_jax.train_logging import RunLogger, show_progress_bar, step_line
+from trustee_jax.train_logging import RunLogger, oracle_scalars, show_progress_bar, step_line
 from trustee_jax.world import build_world
 
 
@@ -327,7 +327,7 @@ class Trainer:
     self.log.episodes(step, eps, tasks, float(v.get("level", 0)), kind="validation")
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),
             "val/success_rate": float(np.mean([e.judge_score == 1 for e in eps])) if eps else 0.0,
-            "val/episodes": float(len(eps))}
+            "val/episodes": float(len(eps)), **oracle_scalars(eps, "val/oracle_")}
 
   # ---- the loop ------------------------------------------------------------------------
 

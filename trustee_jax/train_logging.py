@@ -17,6 +17,21 @@ from tensorboardX import record_writer
 from trustee_jax import grpo, runtime
 
 
+def oracle_scalars(episodes, prefix: str) -> dict[str, float]:
+  """How the judge's scores track the oracle's on the episodes the oracle scored (none: {}):
+  the oracle's success and mean score, the share of episodes whose pass/fail (score 1 or not)
+  and whose exact score agree, and the judge's false passes and false fails among them."""
+  pairs = [(e.judge_score, e.oracle_score) for e in episodes if e.oracle_score is not None]
+  if not pairs:
+    return {}
+  judge, oracle = (np.asarray(x) for x in zip(*pairs))
+  return {f"{prefix}success_rate": _mean(oracle == 1), f"{prefix}score_mean": _mean(oracle),
+          f"{prefix}pass_agreement": _mean((judge == 1) == (oracle == 1)),
+          f"{prefix}score_agreement": _mean(judge == oracle),
+          f"{prefix}judge_false_pass": _mean((judge == 1) & (oracle != 1)),
+          f"{prefix}judge_false_fail": _mean((judge != 1) & (oracle == 1))}
+
+
 def _mean(xs) -> float:
   return float(np.mean(xs)) if len(xs) else 0.0
 
@@ -88,6 +103,7 @@ class RunLogger:
            "episodes/turns_without_thinking": _mean([e.num_turns_without_thinking for e in eps]),
            "episodes/dropped_groups": float(result.dropped_groups),
            "episodes/dropped": float(sum(result.dropped_episodes.values()))}
+    out.update(oracle_scalars(eps, "oracle/"))
     checks = [e.judge_check for e in eps if e.judge_check]
     for key in sorted({k for c in checks for k in c}):
       out[f"judge_check/{key}"] = _mean([c[key] for c in checks if key in c])
@@ -116,7 +132,7 @@ class RunLogger:
       rec = {"step": step, "difficulty_level": level, "task": dataclasses.asdict(task),
              "episode": e.episode_index, "messages": e.messages, "reward": e.reward,
              "judge_score": e.judge_score, "judge_reason": e.judge_reason,
-             "judge_check": e.judge_check,
+             "judge_check": e.judge_check, "oracle_score": e.oracle_score,
              "termination": e.termination, "tool_calls": e.num_tool_calls,
              "invalid_tool_calls": e.num_invalid_calls,
              "untagged_tool_calls": e.num_untagged_calls, "near_misses": e.num_near_misses,

@@ -49,8 +49,9 @@ class SimWorld:
   """The roles plus task generation, simulator counters, and clean shutdown: a rollout.World."""
 
   def __init__(self, generator, user_sim, tool_sim, judge_sim, pool, *, client=None,
-               servers: list[subprocess.Popen] | None = None, refill: TaskRefill = TaskRefill()):
-    self.user, self.tools, self.judge = user_sim, tool_sim, judge_sim
+               servers: list[subprocess.Popen] | None = None, refill: TaskRefill = TaskRefill(),
+               oracle=None):
+    self.user, self.tools, self.judge, self.oracle = user_sim, tool_sim, judge_sim, oracle
     self.generator, self.pool, self.client = generator, pool, client
     self.servers = list(servers or [])
     self.refill = refill
@@ -224,7 +225,15 @@ def check_ablations(cfg) -> None:
 async def build_world(cfg) -> SimWorld:
   """The world named by `cfg.simulator.mode`: "doubles", "embedded" or "url"."""
   check_ablations(cfg)
-  sim = cfg.simulator
+  sim, w = cfg.simulator, cfg.world
+  task_source, oracle_name = w.get("task_source", "lm"), w.get("oracle", "")
+  if task_source not in ("lm", "rule") or oracle_name not in ("", "rule"):
+    raise ValueError(f"world.task_source must be 'lm' or 'rule' and world.oracle '' or 'rule', "
+                     f"got {task_source!r} and {oracle_name!r}")
+  if oracle_name and sim.mode != "doubles" and task_source != "rule":
+    raise ValueError("world.oracle='rule' needs tasks that carry a rule oracle: "
+                     "world.task_source='rule' (the LM task generator writes none)")
+  oracle = doubles.JudgeDouble() if oracle_name else None
   if sim.mode == "doubles":
     judge_name = sim.get("doubles_judge", "rule")
     if judge_name not in doubles.JUDGES:
@@ -233,7 +242,7 @@ async def build_world(cfg) -> SimWorld:
     return SimWorld(doubles.TaskGeneratorDouble(), doubles.UserDouble(),
                     doubles.ToolDouble(cfg.rollout.max_parallel_calls),
                     doubles.JUDGES[judge_name](), doubles.double_pool(),
-                    refill=TaskRefill.from_dict(cfg.world.get("task_refill", {})))
+                    refill=TaskRefill.from_dict(w.get("task_refill", {})), oracle=oracle)
   servers = []
   if sim.mode == "embedded":
     urls, servers = await asyncio.to_thread(start_embedded_servers, sim)
@@ -245,10 +254,13 @@ async def build_world(cfg) -> SimWorld:
       urls=urls, api_key=sim.get("api_key") or None, timeout_s=sim.timeout_s,
       max_retries=sim.max_retries, max_concurrency=sim.max_concurrency,
       json_mode=sim.get("json_mode", "constrained")))
-  w = cfg.world
-  pool = (tools_pool.load_pool(w.tool_pool, lenient=w.get("lenient_pool", False))
-          if w.get("tool_pool") else tools_pool.load_shipped_pool())
-  roles = (tasks.TaskGenerator(client, w.task.to_dict()), user.UserSimulator(client, w.user.to_dict()),
+  if task_source == "rule":  # the home family's tasks and tools; the LM plays the other roles
+    generator, pool = doubles.TaskGeneratorDouble(w.task.to_dict()), doubles.double_pool()
+  else:
+    generator = tasks.TaskGenerator(client, w.task.to_dict())
+    pool = (tools_pool.load_pool(w.tool_pool, lenient=w.get("lenient_pool", False))
+            if w.get("tool_pool") else tools_pool.load_shipped_pool())
+  roles = (generator, user.UserSimulator(client, w.user.to_dict()),
            tools.ToolSimulator(client, w.tools.to_dict()), judge.Judge(client, w.judge.to_dict()))
   return SimWorld(*roles, pool, client=client, servers=servers,
-                  refill=TaskRefill.from_dict(w.get("task_refill", {})))
+                  refill=TaskRefill.from_dict(w.get("task_refill", {})), oracle=oracle)
