@@ -104,6 +104,9 @@ def test_step_line_says_reward_success_level_throughput_times_and_memory():
       " | time tasks 0.5s rollout 4.0s update 2.2s | mem 12.3/80.0 GiB (peak 20.0)")
   bare = train_logging.step_line(1, 2, {"reward/mean": 0.0}, None)
   assert bare.endswith("tok/s nan | time -") and "mem" not in bare
+  judged = train_logging.step_line(1, 2, {"oracle/success_rate": 0.25,
+                                          "oracle/pass_agreement": 0.75}, None)
+  assert "| oracle success 0.250 agrees 0.750 |" in judged
 
 
 class _Stream(io.StringIO):

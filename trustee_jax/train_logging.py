@@ -192,7 +192,7 @@ def step_table(tb_dir: str | os.PathLike) -> str:
 def step_line(step: int, total_steps: int, scalars: Mapping[str, float],
               memory: Mapping[str, float] | None) -> str:
   """The terminal's line for a step: reward, success, level, sampled tokens a second of
-  rollout, the time split (tasks, rollout, update) and device memory where it is known."""
+  rollout, the oracle's success and agreement where one scores, the time split (tasks, rollout, update) and device memory where it is known."""
   def num(key: str) -> float:
     return float(scalars.get(key, float("nan")))
   sampled = num("episodes/count") * num("episodes/response_tokens")
@@ -200,6 +200,9 @@ def step_line(step: int, total_steps: int, scalars: Mapping[str, float],
   parts = [f"step {step}/{total_steps}", f"reward {num('reward/mean'):.3f}",
            f"success {num('reward/success_rate'):.3f}", f"level {num('curriculum/level'):.1f}",
            f"tok/s {sampled / rollout_s if rollout_s > 0 else float('nan'):.0f}"]
+  if "oracle/success_rate" in scalars:  # a world with an oracle: does the judge track it?
+    parts.append(f"oracle success {num('oracle/success_rate'):.3f} "
+                 f"agrees {num('oracle/pass_agreement'):.3f}")
   if "val/success_rate" in scalars:
     parts.append(f"val success {num('val/success_rate'):.3f}")
   times = " ".join(f"{k.partition('/')[2]} {v:.1f}s" for k, v in scalars.items()
