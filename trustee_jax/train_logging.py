@@ -192,7 +192,8 @@ def step_table(tb_dir: str | os.PathLike) -> str:
 def step_line(step: int, total_steps: int, scalars: Mapping[str, float],
               memory: Mapping[str, float] | None) -> str:
   """The terminal's line for a step: reward, success, level, sampled tokens a second of
-  rollout, the oracle's success and agreement where one scores, the time split (tasks, rollout, update) and device memory where it is known."""
+  rollout, the oracle's success and agreement where one scores, the time split (tasks,
+  rollout, update) and device memory where it is known."""
   def num(key: str) -> float:
     return float(scalars.get(key, float("nan")))
   sampled = num("episodes/count") * num("episodes/response_tokens")
