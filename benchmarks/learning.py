@@ -31,6 +31,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from trustee_jax.train_logging import scalar_series  # noqa: E402
 TAGS = ("reward/mean", "reward/success_rate", "curriculum/level", "reward/zero_variance_groups",
         "episodes/with_valid_tool_call", "episodes/untagged_tool_calls", "train/loss",
@@ -93,7 +95,7 @@ def summary(arm: dict, level_step: int) -> dict:
   success = c.get("reward/success_rate", {})
   late = steps[len(steps) // 2:]
   zero_var = c.get("reward/zero_variance_groups", {})
-  return {**oracle_summary(c, steps),
+  return {**oracle_summary(c, steps, late),
       "val_success_before": val.get(0), "val_success_after": val[max(val)] if val else None,
       "val_success": [val[s] for s in sorted(val)], "val_steps": sorted(val),
       "reward_mean": [round(c["reward/mean"][s], 3) for s in steps],
@@ -108,14 +110,14 @@ def summary(arm: dict, level_step: int) -> dict:
       "wall_s": arm["wall_s"]}
 
 
-def oracle_summary(c: dict, steps: list[int]) -> dict:
+def oracle_summary(c: dict, steps: list[int], late: list[int]) -> dict:
   """Where a rule oracle scored the episodes (the LM world): its success beside the judge's, per
   step and held out, their pass/fail agreement, the judge's false passes and false fails, and
   the correlation of the judge's success with the oracle's over the steps. Else {}."""
   oracle = c.get("oracle/success_rate", {})
   if not oracle:
     return {}
-  judge, val = c.get("reward/success_rate", {}), c.get("val/oracle_success_rate", {})
+  val = c.get("val/oracle_success_rate", {})
   at = lambda tag: [c.get(tag, {}).get(s) for s in steps]  # noqa: E731
   return {"oracle_success": [_round(oracle.get(s)) for s in steps],
           "pass_agreement": [_round(v) for v in at("oracle/pass_agreement")],
@@ -127,8 +129,8 @@ def oracle_summary(c: dict, steps: list[int]) -> dict:
               val[max(val)] if val else None,
           "val_oracle_pass_agreement": [_round(v) for _, v in
                                         sorted(c.get("val/oracle_pass_agreement", {}).items())],
-          "judge_success_late_mean": _mean([judge.get(s) for s in steps[len(steps) // 2:]]),
-          "oracle_success_late_mean": _mean([oracle.get(s) for s in steps[len(steps) // 2:]])}
+          # beside summary's success_late_mean, the judge's over the same late steps
+          "oracle_success_late_mean": _mean([oracle.get(s) for s in late])}
 
 
 def _round(v: float | None) -> float | None:
@@ -140,10 +142,8 @@ def _corr(xs: list, ys: list) -> float | None:
   pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
   if len(pairs) < 2:
     return None
-  mx, my = (sum(v) / len(pairs) for v in zip(*pairs))
-  sxy = sum((x - mx) * (y - my) for x, y in pairs)
-  sxx, syy = (sum((v - m) ** 2 for v in vs) for vs, m in zip(zip(*pairs), (mx, my)))
-  return round(sxy / (sxx * syy) ** 0.5, 3) if sxx > 0 and syy > 0 else None
+  xs, ys = np.asarray(pairs, float).T
+  return round(float(np.corrcoef(xs, ys)[0, 1]), 3) if xs.std() > 0 and ys.std() > 0 else None
 
 
 def _mean(values: list) -> float | None:

@@ -54,5 +54,5 @@ def test_the_lm_worlds_summary_sets_the_judge_beside_the_oracle():
   # judge 0.5, 0.75, 1 against oracle 0.25, 0.25, 0.5: r = 0.0625 / sqrt(0.125 * 0.041667)
   assert s["judge_oracle_success_corr"] == 0.866
   assert (s["val_oracle_success_before"], s["val_oracle_success_after"]) == (0.25, 0.5)
-  assert (s["judge_success_late_mean"], s["oracle_success_late_mean"]) == (0.875, 0.375)
+  assert (s["success_late_mean"], s["oracle_success_late_mean"]) == (0.875, 0.375)
   assert _learning().label("qwen2.5-coder-0.5b", "lm") == "qwen2.5-coder-0.5b@lm"
