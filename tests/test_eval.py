@@ -215,6 +215,7 @@ def test_venv_is_built_once_per_requirement_set(tmp_path, monkeypatch):
       pathlib.Path(cmd[3]).mkdir(parents=True)
 
   monkeypatch.setattr(venv_lib, "run_logged", fake_run)
+  monkeypatch.setenv("TRUSTEE_EVAL_INSTALLER", "pip")
   spec = venv_lib.VenvSpec("x", ("pkg==1",))
   path = venv_lib.ensure_venv(spec, tmp_path, log=lambda *_: None)
   assert venv_lib.is_ready(spec, tmp_path) and len(built) == 2
@@ -227,6 +228,29 @@ def test_venv_is_built_once_per_requirement_set(tmp_path, monkeypatch):
   (path / "junk").write_text("")
   venv_lib.ensure_venv(spec, tmp_path, log=lambda *_: None)
   assert len(built) == 6 and not (path / "junk").exists()
+
+
+def test_uv_builds_the_venv_where_it_is_on_path_and_keeps_pips_local_wheels(tmp_path,
+                                                                            monkeypatch):
+  uv = tmp_path / "bin" / "uv"
+  uv.parent.mkdir()
+  uv.write_text("#!/bin/sh\n")
+  uv.chmod(0o755)
+  monkeypatch.setenv("PATH", str(uv.parent))
+  monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels /more")
+  monkeypatch.delenv("TRUSTEE_EVAL_INSTALLER", raising=False)
+  assert venv_lib.installer() == str(uv)
+  spec = venv_lib.VenvSpec("x", ("pkg==1",))
+  create, install = venv_lib.build_commands(spec, tmp_path / "v", venv_lib.installer())
+  assert create == [str(uv), "venv", "--python", sys.executable, str(tmp_path / "v")]
+  assert install == [str(uv), "pip", "install", "--python", str(tmp_path / "v/bin/python"),
+                     "--find-links", "/opt/wheels", "--find-links", "/more", "pkg==1"]
+  monkeypatch.setenv("TRUSTEE_EVAL_INSTALLER", "pip")
+  assert venv_lib.installer() is None
+  monkeypatch.setenv("TRUSTEE_EVAL_INSTALLER", "uv")
+  monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="no uv on PATH"):
+    venv_lib.installer()
 
 
 def test_run_logged_reports_failures_and_timeouts(tmp_path):

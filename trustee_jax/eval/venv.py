@@ -103,9 +103,38 @@ def tail(path: pathlib.Path, lines: int = 25) -> str:
     return "(no log)"
 
 
+def installer() -> str | None:
+  """The uv binary when it is on PATH and $TRUSTEE_EVAL_INSTALLER is not "pip"; else None (pip).
+
+  uv builds these virtualenvs several times faster than pip on a small machine."""
+  choice = os.environ.get("TRUSTEE_EVAL_INSTALLER", "auto")
+  if choice not in ("auto", "uv", "pip"):
+    raise ValueError(f"TRUSTEE_EVAL_INSTALLER={choice!r}: use auto, uv or pip")
+  uv = shutil.which("uv") if choice != "pip" else None
+  if choice == "uv" and uv is None:
+    raise FileNotFoundError("TRUSTEE_EVAL_INSTALLER=uv but no uv on PATH (pip install uv)")
+  return uv
+
+
+def build_commands(spec: VenvSpec, path: pathlib.Path, uv: str | None) -> list[list[str]]:
+  """Create the virtualenv at `path` and install `spec` into it, with uv or with pip.
+
+  uv reads its own index settings (UV_INDEX_URL, uv.toml), not pip's; pip's local wheel
+  directories ($PIP_FIND_LINKS) are passed on so both resolve the same local builds (torch's)."""
+  python = bin_path(path, "python")
+  if uv is None:
+    return [[sys.executable, "-m", "venv", str(path)],
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check",
+             *spec.requirements]]
+  links = [arg for link in os.environ.get("PIP_FIND_LINKS", "").split()
+           for arg in ("--find-links", link)]
+  return [[uv, "venv", "--python", sys.executable, str(path)],
+          [uv, "pip", "install", "--python", str(python), *links, *spec.requirements]]
+
+
 def ensure_venv(spec: VenvSpec, root: pathlib.Path | None = None, *,
                 timeout_s: float = 3600.0, log=print) -> pathlib.Path:
-  """The virtualenv of `spec`, built now (python -m venv, then pip install) if not ready."""
+  """The virtualenv of `spec`, built now (uv where available, else venv + pip) if not ready."""
   path = venv_dir(spec, root)
   with _locked(path.with_suffix(".lock")):
     if is_ready(spec, root):
@@ -114,12 +143,15 @@ def ensure_venv(spec: VenvSpec, root: pathlib.Path | None = None, *,
       shutil.rmtree(path)
     install_log = path.with_suffix(".install.log")
     install_log.unlink(missing_ok=True)
-    log(f"building the {spec.name} virtualenv in {path} (once; log: {install_log})")
+    uv = installer()
+    log(f"building the {spec.name} virtualenv in {path} with {'uv' if uv else 'pip'} "
+        f"(once; log: {install_log})")
     t0 = time.monotonic()
-    run_logged([sys.executable, "-m", "venv", str(path)], install_log, timeout_s=600)
-    run_logged([bin_path(path, "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                *spec.requirements], install_log, timeout_s=timeout_s)
+    create, install = build_commands(spec, path, uv)
+    run_logged(create, install_log, timeout_s=600)
+    run_logged(install, install_log, timeout_s=timeout_s)
     (path / _READY).write_text(json.dumps({"requirements": list(spec.requirements),
+                                           "installer": "uv" if uv else "pip",
                                            "seconds": round(time.monotonic() - t0, 1)}))
     log(f"{spec.name} virtualenv ready after {time.monotonic() - t0:.0f} s")
   return path
