@@ -49,6 +49,9 @@ _BASE_LOCAL = flags.DEFINE_string("base_local_model_path", None, "BFCL: the base
 _HANDLER = flags.DEFINE_string("handler", "trustee-chat-FC", "BFCL model/handler name, e.g. "
                                "Qwen/Qwen3-8B-FC for the reference's.")
 _THREADS = flags.DEFINE_integer("threads", 8, "BFCL: concurrent cases.")
+_UNTAGGED = flags.DEFINE_bool("accept_untagged_calls", False, "BFCL: also read calls written as "
+                              "JSON objects without <tool_call> tags, as a run with "
+                              "rollout.accept_untagged_calls=True trained the policy to.")
 # τ²-bench
 _USER_ENDPOINT = flags.DEFINE_string("user_endpoint", None, "τ²: the user simulator's server "
                                      "(default: --endpoint, which makes the model its own user).")
@@ -91,7 +94,7 @@ def runner(benchmark: str, target: Target, workdir: pathlib.Path, venvs):
     settings = bfcl.BFCLSettings(
         categories=tuple(bfcl.resolve_categories(_CATEGORIES.value)), limit=_LIMIT.value,
         handler=_HANDLER.value, local_model_path=target.local_path, threads=_THREADS.value,
-        max_tokens=_MAX_TOKENS.value)
+        max_tokens=_MAX_TOKENS.value, accept_untagged_calls=_UNTAGGED.value)
     settings.check()
     fn = lambda: bfcl.run(target.endpoint, settings, out_dir, venv_root=venvs)
   else:
@@ -100,7 +103,7 @@ def runner(benchmark: str, target: Target, workdir: pathlib.Path, venvs):
     settings = tau2.Tau2Settings(
         domains=tuple(tau2.resolve_domains(_CATEGORIES.value)), num_trials=_TRIALS.value,
         limit=_LIMIT.value, max_steps=_MAX_STEPS.value, max_concurrency=_CONCURRENCY.value,
-        max_tokens=_MAX_TOKENS.value)
+        max_tokens=_MAX_TOKENS.value, accept_untagged_calls=_UNTAGGED.value)
     settings.check()
     fn = lambda: tau2.run(target.endpoint, user, settings, out_dir, venv_root=venvs)
   return fn, dataclasses.asdict(settings)

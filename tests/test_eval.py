@@ -1,7 +1,9 @@
 """Evaluation plumbing with stubbed benchmark runs (results JSON, TensorBoard at the step,
 comparison table, the BFCL/τ² commands and score parsing, virtualenv reuse), and, marked slow
 and eval, both benchmarks end to end against the embedded SmolLM2 server."""
+import dataclasses
 import http.server
+import importlib.util
 import json
 import os
 import pathlib
@@ -146,6 +148,24 @@ def test_bfcl_settings_command_and_environment(tmp_path):
   assert (env["LOCAL_SERVER_ENDPOINT"], env["LOCAL_SERVER_PORT"]) == ("127.0.0.1", "8123")
   assert env["REMOTE_OPENAI_BASE_URL"] == env["OPENAI_BASE_URL"] == "http://127.0.0.1:8123/v1"
   assert env["OPENAI_API_KEY"] == "k" and env["HF_HUB_OFFLINE"] == "1"
+  assert "--accept-untagged-calls" not in cmd
+  untagged = dataclasses.replace(settings, accept_untagged_calls=True)
+  assert "--accept-untagged-calls" in bfcl.command(pathlib.Path("/p"), untagged, tmp_path, tmp_path)
+  with pytest.raises(common.EvalError, match="trustee-chat-FC handler"):
+    bfcl.BFCLSettings(handler="gpt-4o-2024-11-20-FC", accept_untagged_calls=True).check()
+
+
+def test_the_bfcl_runner_reads_untagged_calls_as_the_projects_parser_does():
+  """Bare, fenced or in-prose {"name", "arguments"} objects are calls; other JSON is not."""
+  spec = importlib.util.spec_from_file_location("bfcl_runner", bfcl.RUNNER)
+  runner = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(runner)  # stdlib only at import: BFCL is imported inside functions
+  text = ('Sure.\n```json\n{"name": "area", "arguments": {"base": 10, "h": {"x": 1}}}\n```\n'
+          'and {"name": "f", "arguments": {}} {"name": "g"} {"k": 1} {"name": 3, "arguments": {}}'
+          ' {broken')
+  assert runner.untagged_calls(text) == [
+      {"name": "area", "arguments": {"base": 10, "h": {"x": 1}}}, {"name": "f", "arguments": {}}]
+  assert runner.untagged_calls("no calls here") == []
 
 
 def test_bfcl_scores():

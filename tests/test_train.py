@@ -402,3 +402,22 @@ def test_a_paged_engine_trains_the_step_the_dense_one_does(tmp_path):
   for tag in ("reward/mean", "train/loss", "train/grad_norm", "episodes/response_tokens"):
     assert runs["paged"][0][tag] == pytest.approx(runs["dense"][0][tag], rel=1e-5, abs=1e-6), tag
   assert runs["dense"][0]["train/nonzero_advantage_frac"] > 0  # the coin judge: a real update
+
+
+def test_a_fixed_validation_seed_gives_runs_of_every_seed_one_held_out_set(tmp_path):
+  """validation.seed draws the held-out tasks apart from the run's seed; -1 follows the run."""
+  import asyncio
+
+  async def tasks(seed: int, validation_seed: int, workdir: pathlib.Path) -> list[dict]:
+    cfg = load_config("test", **{"seed": seed, "validation.seed": validation_seed,
+                                 "validation.num_tasks": 4})
+    trainer = train.Trainer(cfg, workdir, world=await train.build_world(cfg))
+    try:
+      return [t.to_dict() for t in await trainer._validation_tasks()]
+    finally:
+      trainer.close()
+
+  fixed = [asyncio.run(tasks(s, 7, tmp_path / f"fixed{s}")) for s in (0, 1)]
+  own = [asyncio.run(tasks(s, -1, tmp_path / f"own{s}")) for s in (0, 1)]
+  assert fixed[0] == fixed[1] and own[0] != own[1]
+  assert own[0] == asyncio.run(tasks(0, 0, tmp_path / "zero"))  # -1 is the run's seed

@@ -109,9 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
   # level 0 draws them at the curriculum's starting level, another value at that fixed level.
   # file: a fixed set in the reference's valid.parquet fields (JSON, JSON Lines or Parquet,
   # simulator/validation_file.py) instead of generated tasks; num_tasks and level then unused.
+  # seed: draws the tasks and their sampling (-1: the run's seed); fixed, runs of every seed
+  # are scored on one held-out set.
   c.validation = ml_collections.ConfigDict(dict(every=10, num_tasks=16, samples=4,
                                                 temperature=0.6, top_p=0.95, top_k=20, level=0,
-                                                file=""))
+                                                file="", seed=-1))
   # async_save: the files are written in the background while the next step's rollouts run.
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3, async_save=True))
   # A resume refuses a config that differs from the checkpoint's beyond checkpoint.py's

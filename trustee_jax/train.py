@@ -92,8 +92,7 @@ class Trainer:
     if self.info.count > 1:  # each process writes its shards of one shared directory
       distributed.assert_shared_directory(self.workdir)
     # Host randomness (tasks, sampling) differs per process: each plays its own share of tasks.
-    self.host_seed = cfg.seed if self.info.count == 1 else seeding.derive_seed(
-        cfg.seed, 0x5EED, self.info.index)
+    self.host_seed = self._host_seed(cfg.seed)
     self.mesh = training_mesh(cfg)
     model, self.tokenizer = policy_lib.load_policy(cfg, self.mesh)
     self.chat = ChatFormat(self.tokenizer)
@@ -167,10 +166,18 @@ class Trainer:
     self.state = restored
     return int(found.step)
 
+  def _host_seed(self, seed: int) -> int:
+    return seed if self.info.count == 1 else seeding.derive_seed(seed, 0x5EED, self.info.index)
+
+  def _validation_seed(self) -> int:
+    """validation.seed, or the run's seed where it is -1."""
+    seed = int(self.cfg.validation.get("seed", -1))
+    return self.cfg.seed if seed == -1 else seed
+
   # ---- one step ------------------------------------------------------------------------
 
   async def _tasks(self, step: int, key=None, n: int | None = None, seed_step: int | None = None,
-                   level: int = 0, validation: bool = False):
+                   level: int = 0, validation: bool = False, host_seed: int | None = None):
     """This process's share of the step's tasks (knobs drawn alike on every process), at the
     curriculum's level or, when given, at a fixed `level` (soft draws off)."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if key is None else key
@@ -181,7 +188,8 @@ class Trainer:
       state = state.replace(level=jnp.full_like(state.level, level))
     knobs = cur.knobs(cur_cfg, state, key, n).unbatch()
     mine = knobs[distributed.process_slice(len(knobs), self.info)]
-    seed = seeding.derive_seed(self.host_seed, step if seed_step is None else seed_step)
+    seed = seeding.derive_seed(self.host_seed if host_seed is None else host_seed,
+                               step if seed_step is None else seed_step)
     if validation:
       return await self.world.make_validation_tasks(mine, seed)
     drop = self.cfg.world.task_refill.level_drop
@@ -306,10 +314,11 @@ class Trainer:
     path = self.log.workdir / "validation_tasks.json"
     if path.exists():
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed), 0x7FFFFFFF)  # not a train step
+    seed = self._validation_seed()
+    key = jax.random.fold_in(jax.random.key(seed), 0x7FFFFFFF)  # not a train step
     tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1,
                               level=int(self.cfg.validation.get("level", 0)),
-                              validation=True)
+                              validation=True, host_seed=self._host_seed(seed))
     path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
     return tasks
 
@@ -321,8 +330,8 @@ class Trainer:
                               top_p=v.top_p, top_k=v.top_k)
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
-        cfg=cfg, seed=seeding.derive_seed(self.host_seed, -1), step=step,
-        max_concurrent=self.cfg.rollout_concurrency, min_group=1)
+        cfg=cfg, seed=seeding.derive_seed(self._host_seed(self._validation_seed()), -1),
+        step=step, max_concurrent=self.cfg.rollout_concurrency, min_group=1)
     eps = result.episodes
     self.log.episodes(step, eps, tasks, float(v.get("level", 0)), kind="validation")
     return {"val/reward_mean": float(np.mean([e.reward for e in eps])) if eps else float("nan"),

@@ -71,10 +71,14 @@ class BFCLSettings:
   temperature: float = 0.001
   max_tokens: int | None = None  # None: BFCL's own (up to 4096 a completion)
   timeout_s: float = 6 * 3600
+  accept_untagged_calls: bool = False  # as rollout.accept_untagged_calls (trustee-chat-FC only)
 
   def check(self) -> None:
     if self.limit is not None and self.limit < 1:
       raise EvalError(f"--limit must be >= 1, got {self.limit}")
+    if self.accept_untagged_calls and self.handler != DEFAULT_HANDLER:
+      raise EvalError(f"--accept_untagged_calls is for the {DEFAULT_HANDLER} handler, not "
+                      f"{self.handler!r}")
     if self.local_model_path is not None:
       path = pathlib.Path(self.local_model_path)
       for name in ("config.json", "tokenizer_config.json"):
@@ -112,6 +116,8 @@ def command(python: pathlib.Path, settings: BFCLSettings, project_root: pathlib.
     cmd.append(f"--max-tokens={settings.max_tokens}")
   if settings.local_model_path:
     cmd.append(f"--local-model-path={settings.local_model_path}")
+  if settings.accept_untagged_calls:
+    cmd.append("--accept-untagged-calls")
   return cmd
 
 
@@ -130,6 +136,7 @@ def scores_of(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]
   details = {"per_category": cats, "missing": summary.get("missing", []),
              "partial": summary.get("partial", False),
              "bfcl_eval_version": summary.get("bfcl_eval_version"),
+             "accept_untagged_calls": summary.get("accept_untagged_calls", False),
              "cases": sum(int(v["total_count"]) for v in cats.values())}
   return scores, details
 

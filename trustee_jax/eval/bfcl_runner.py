@@ -11,7 +11,10 @@ BFCL's local handlers, OPENAI_BASE_URL for its API handlers). Before BFCL runs, 
   - caps every local handler's context at the served `max_model_len` (from GET /v1/models), since
     BFCL sizes max_tokens from config.json and a server with a shorter context would refuse;
   - with --max-tokens, caps each completion's max_tokens (BFCL asks for up to 4096);
-  - with --limit, writes BFCL's id file with the first N cases of each category and runs those.
+  - with --limit, writes BFCL's id file with the first N cases of each category and runs those;
+  - with --accept-untagged-calls, also reads calls written as bare or fenced JSON objects
+    (`{"name": ..., "arguments": {...}}` without <tool_call> tags) where a reply has no tagged
+    call: what a run with rollout.accept_untagged_calls=True trained the policy to write.
 Then it writes the per-category accuracy of BFCL's own score files to --summary.
 """
 import argparse
@@ -35,10 +38,28 @@ def parse_args(argv):
   p.add_argument("--threads", type=int, default=8)
   p.add_argument("--temperature", type=float, default=0.001)
   p.add_argument("--max-tokens", type=int, default=None)
+  p.add_argument("--accept-untagged-calls", action="store_true")
   return p.parse_args(argv)
 
 
-def register_handler(served_name: str) -> None:
+def untagged_calls(text: str) -> list[dict]:
+  """The `{"name": str, "arguments": dict}` JSON objects in `text`, in order (bare, fenced or
+  in prose), as the project's parser reads untagged calls; nothing else counts as a call."""
+  decoder, calls, i = json.JSONDecoder(), [], text.find("{")
+  while i != -1:
+    try:
+      value, end = decoder.raw_decode(text, i)
+    except json.JSONDecodeError:
+      i = text.find("{", i + 1)
+      continue
+    if (isinstance(value, dict) and set(value) == {"name", "arguments"}
+        and isinstance(value["name"], str) and isinstance(value["arguments"], dict)):
+      calls.append(value)
+    i = text.find("{", end)
+  return calls
+
+
+def register_handler(served_name: str, accept_untagged: bool = False) -> None:
   """Adds trustee-chat-FC to BFCL's model table (the one dict every module imported)."""
   from bfcl_eval.constants.enums import ModelStyle
   from bfcl_eval.constants.model_config import MODEL_CONFIG_MAPPING, ModelConfig
@@ -55,7 +76,14 @@ def register_handler(served_name: str) -> None:
 
   # What @overrides.override marks (it cannot resolve bases of a class built in a function).
   format_prompt.__override__ = True
-  handler = type("TrusteeChatFCHandler", (QwenFCHandler,), {"_format_prompt": format_prompt})
+  methods = {"_format_prompt": format_prompt}
+  if accept_untagged:
+    def extract_tool_calls(text):
+      """Hermes-tagged calls, else untagged ones (untagged_calls)."""
+      return QwenFCHandler._extract_tool_calls(text) or untagged_calls(text)
+    extract_tool_calls.__override__ = True
+    methods["_extract_tool_calls"] = staticmethod(extract_tool_calls)
+  handler = type("TrusteeChatFCHandler", (QwenFCHandler,), methods)
 
   MODEL_CONFIG_MAPPING[CUSTOM_MODEL] = ModelConfig(
       model_name=served_name, display_name="trustee-jax policy (FC)",
@@ -124,7 +152,7 @@ def main(argv) -> int:
   from bfcl_eval.eval_checker.eval_runner import main as evaluate
 
   served = os.environ.get("TRUSTEE_SERVED_MODEL", args.model)
-  register_handler(served)
+  register_handler(served, args.accept_untagged_calls)
   cap_context_at_served_length(args.max_tokens)
   categories = [c for c in args.categories.split(",") if c]
   ids = None
@@ -141,7 +169,8 @@ def main(argv) -> int:
   missing = sorted(set(categories) - set(scores))
   summary = {"bfcl_eval_version": version("bfcl-eval"), "model": args.model,
              "categories": scores, "missing": missing,
-             "case_ids": ids, "partial": bool(args.limit)}
+             "case_ids": ids, "partial": bool(args.limit),
+             "accept_untagged_calls": args.accept_untagged_calls}
   pathlib.Path(args.summary).write_text(json.dumps(summary, indent=2))
   print(f"trustee: wrote {args.summary}", flush=True)
   return 1 if missing else 0
