@@ -3,7 +3,7 @@ are read from, on hand-made curves (no training)."""
 import importlib.util
 import pathlib
 
-from trustee_jax import train
+from trustee_jax import controls
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ def test_arms_change_one_thing_each():
   assert arms["frozen"] == ["--config.train.optimizer.learning_rate=0.0"]
   for control in ("negate_advantages", "permute_rewards"):
     assert arms[control] == [f"--config.train.control={control}"]
-    assert control in train.CONTROLS
+    assert control in controls.CONTROLS
 
 
 def test_summary_reads_the_claims_figures():

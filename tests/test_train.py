@@ -267,38 +267,6 @@ def test_two_processes_train_one_policy(tmp_path):
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def _episode(task: int, reward: float):
-  from trustee_jax.rollout import Episode
-  return Episode(task, 0, *(np.zeros(1),) * 4, reward=reward)
-
-
-def test_negative_controls_negate_or_shuffle_rewards_or_leave_them():
-  episodes = [_episode(t, r) for t, r in ((0, 1.0), (0, -1.0), (1, 0.0), (1, 1.0), (2, -1.0))]
-  assert train.negative_control("", episodes, 7) is episodes
-  negated = train.negative_control("negate_advantages", episodes, 7)
-  assert [e.reward for e in negated] == [-1.0, 1.0, 0.0, -1.0, 1.0]
-  shuffled = train.negative_control("permute_rewards", episodes, 7)
-  assert sorted(e.reward for e in shuffled) == sorted(e.reward for e in episodes)
-  assert [e.reward for e in shuffled] != [e.reward for e in episodes]  # this seed moves them
-  assert [e.reward for e in episodes] == [1.0, -1.0, 0.0, 1.0, -1.0]  # the originals untouched
-  assert [e.reward for e in train.negative_control("permute_rewards", episodes, 7)] == \
-      [e.reward for e in shuffled]  # seeded
-  with pytest.raises(ValueError, match="train.control"):
-    train.negative_control("flip", episodes, 7)
-
-
-def test_negated_rewards_flip_every_group_advantage():
-  import jax.numpy as jnp
-  from trustee_jax import grpo
-  cfg = grpo.GRPOConfig()
-  rewards, groups = jnp.asarray([1.0, -1.0, 0.0, 1.0, 0.0, 0.0]), jnp.asarray([0, 0, 0, 1, 1, 1])
-  valid = jnp.ones(6, bool)
-  a = grpo.group_advantages(rewards, groups, valid, cfg, num_groups=2)
-  b = grpo.group_advantages(-rewards, groups, valid, cfg, num_groups=2)
-  np.testing.assert_allclose(b, -a, atol=1e-6)
-  assert float(jnp.abs(a).sum()) > 0
-
-
 def test_old_logprobs_are_the_sampling_policys_in_every_mini_batch(tmp_path):
   """4 mini-batches, recompute on: every update's old log-probs are those of the params that
   sampled the step (so the first update's ratio is exactly 1 and later ones' are not), not of

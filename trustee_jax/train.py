@@ -18,7 +18,8 @@ import tqdm
 from absl import logging
 
 from trustee_jax import curriculum as cur
-from trustee_jax import distributed, grpo, lora, rollout, runtime, seeding, step_batch, update
+from trustee_jax import controls, distributed, grpo, lora, rollout, runtime, seeding, step_batch
+from trustee_jax import update
 from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
 from trustee_jax.chat import ChatFormat
@@ -56,25 +57,6 @@ def check_budgets(cfg) -> None:
   if cfg.rollout.max_turn_tokens >= longest:
     raise ValueError(f"rollout.max_turn_tokens ({cfg.rollout.max_turn_tokens}) must be below "
                      f"rollout.max_episode_tokens ({longest})")
-
-
-CONTROLS = ("", "negate_advantages", "permute_rewards")
-
-
-def negative_control(control: str, episodes: list[rollout.Episode], seed: int
-                     ) -> list[rollout.Episode]:
-  """The episodes the update trains on under a negative control of the learning benchmark:
-  "permute_rewards" shuffles the rewards across the step's episodes (seeded), so they no longer
-  say which episode did well; "negate_advantages" negates them, which flips every group-relative
-  advantage's sign (the group std is unchanged); "" (a real run) leaves them be. Logged rewards
-  and the curriculum always see the true rewards."""
-  if control not in CONTROLS:
-    raise ValueError(f"train.control must be one of {CONTROLS}, got {control!r}")
-  if not control:
-    return episodes
-  rewards = [-e.reward for e in episodes] if control == "negate_advantages" else \
-      np.random.default_rng(seed).permutation([e.reward for e in episodes])
-  return [dataclasses.replace(e, reward=float(r)) for e, r in zip(episodes, rewards)]
 
 
 HOST_STATE = ("curriculum", "step")  # state every process holds whole, on the host side
@@ -285,7 +267,7 @@ class Trainer:
         rewards, len(tasks) * self.rollout_cfg.group_size).astype(np.float32)
     if all_rewards.size:
       t0 = time.perf_counter()
-      trained = negative_control(self.cfg.train.get("control", ""), result.episodes,
+      trained = controls.negative_control(self.cfg.train.get("control", ""), result.episodes,
                                  seeding.derive_seed(self.host_seed, step, 0xC0))
       scalars.update({k if "/" in k else f"train/{k}": v for k, v in self._update(trained).items()})
       times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
