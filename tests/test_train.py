@@ -389,3 +389,21 @@ def test_a_fixed_validation_seed_gives_runs_of_every_seed_one_held_out_set(tmp_p
   own = [asyncio.run(tasks(s, -1, tmp_path / f"own{s}")) for s in (0, 1)]
   assert fixed[0] == fixed[1] and own[0] != own[1]
   assert own[0] == asyncio.run(tasks(0, 0, tmp_path / "zero"))  # -1 is the run's seed
+
+
+def test_prefetched_tasks_are_the_tasks_the_step_would_have_made(tmp_path):
+  """train.prefetch_tasks makes step N+1's tasks while step N's update runs; the run is the
+  same with it off: the same tasks, episodes and rewards, step by step."""
+  runs = {}
+  for prefetch in (True, False):
+    cfg = load_config("test", **{"train.steps": 3, "validation.every": 0,
+                                 "train.prefetch_tasks": prefetch})
+    train.train(cfg, tmp_path / str(prefetch))
+    runs[prefetch] = [[(e["task"], e["messages"], e["reward"]) for e in map(json.loads, (
+        tmp_path / str(prefetch) / "episodes" / f"step_{s}.jsonl").read_text().splitlines())]
+        for s in (1, 2, 3)]
+    flags = scalar_series(tmp_path / str(prefetch) / "tb", ["tasks/prefetched"])
+    assert flags["tasks/prefetched"] == ({1: 0.0, 2: 1.0, 3: 1.0} if prefetch else
+                                         {1: 0.0, 2: 0.0, 3: 0.0})
+  assert runs[True] == runs[False]
+  assert_signal(tmp_path / "True" / "tb", [1, 2, 3])

@@ -101,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
       steps=200, tasks_per_step=16, updates_per_step=4, micro_batch=4,
       length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 24576),
       recompute_old_logprobs=False, logprob_chunk=8192,
+      # prefetch_tasks: the next step's tasks are generated while this step's update runs
+      # (from the curriculum state the update does not change); the same tasks either way.
+      prefetch_tasks=True,
       control=""))  # negative controls of the learning benchmark: negate_advantages | permute_rewards
   c.train.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-6, schedule="constant", warmup_steps=0, total_updates=800,

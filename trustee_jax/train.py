@@ -105,6 +105,7 @@ class Trainer:
                              async_save=cfg.checkpoint.async_save)
     self.unreadable_checkpoints: tuple[tuple[int, str], ...] = ()  # (step, why) set aside
     self.sigterm: runtime.SigtermStop | None = None  # while run() runs
+    self.next_tasks: tuple[int, asyncio.Task] | None = None  # (step, its tasks being made)
     self.meta = self.policy.meta
     self.start_step = self._maybe_restore()
     self.engine = build_policy_backend(cfg, self.engine_model, self.tokenizer.decode)
@@ -246,18 +247,38 @@ class Trainer:
       return {k: jnp.asarray(v) for k, v in arrays.items()}
     return distributed.global_batch(arrays, self.mesh)
 
+  def _prefetch_tasks(self, step: int) -> bool:
+    """Starts making `step`'s tasks in the background (train.prefetch_tasks, not past the last
+    step); the curriculum state must already be the one that step draws from."""
+    if not self.cfg.train.get("prefetch_tasks", False) or step > self.cfg.train.steps:
+      return False
+    self.next_tasks = (step, asyncio.create_task(self._tasks(step)))
+    return True
+
+  def _cancel_prefetch(self) -> None:
+    if self.next_tasks is not None:
+      self.next_tasks[1].cancel()
+      self.next_tasks = None
+
   async def train_step(self, step: int) -> dict[str, Any]:
     times = {}
     t0 = time.perf_counter()
-    tasks = await self._tasks(step)
-    times["time/tasks"] = time.perf_counter() - t0
+    pending, self.next_tasks = self.next_tasks, None
+    prefetched = pending is not None and pending[0] == step
+    if prefetched:
+      tasks = await pending[1]  # made while the last update ran; its failure is raised here
+    else:
+      if pending is not None:
+        pending[1].cancel()
+      tasks = await self._tasks(step)
+    times["time/tasks"] = time.perf_counter() - t0  # with a prefetch: what the step waited
     t0, busy0 = time.perf_counter(), self.engine.metrics().get("busy_seconds")
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
         cfg=self.rollout_cfg, seed=self.host_seed, step=step,
         max_concurrent=self.cfg.rollout_concurrency, min_group=self.grpo_cfg.min_group_size)
     times["time/rollout"] = time.perf_counter() - t0
-    scalars: dict[str, float] = dict(times)
+    scalars: dict[str, float] = {**times, "tasks/prefetched": float(prefetched)}
     if busy0 is not None:  # the rest of the rollout the policy waited on the world
       scalars["rollout/policy_busy_frac"] = (
           (self.engine.metrics()["busy_seconds"] - busy0) / max(times["time/rollout"], 1e-9))
@@ -266,13 +287,19 @@ class Trainer:
     all_rewards = rewards if self.info.count == 1 else distributed.gather_values(
         rewards, len(tasks) * self.rollout_cfg.group_size).astype(np.float32)
     if all_rewards.size:
-      t0 = time.perf_counter()
-      trained = controls.negative_control(self.cfg.train.get("control", ""), result.episodes,
-                                 seeding.derive_seed(self.host_seed, step, 0xC0))
-      scalars.update({k if "/" in k else f"train/{k}": v for k, v in self._update(trained).items()})
-      times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
+      # The curriculum reads only the rewards, so it moves first and the next step's tasks
+      # are made while the update runs (in a thread: JAX releases the GIL).
       self.state["curriculum"] = cur.update(self.cur_cfg, self.state["curriculum"],
                                             jnp.asarray(all_rewards))
+      t0 = time.perf_counter()
+      trained = controls.negative_control(self.cfg.train.get("control", ""), result.episodes,
+                                          seeding.derive_seed(self.host_seed, step, 0xC0))
+      if self._prefetch_tasks(step + 1):
+        metrics = await asyncio.to_thread(self._update, trained)
+      else:
+        metrics = self._update(trained)
+      scalars.update({k if "/" in k else f"train/{k}": v for k, v in metrics.items()})
+      times["time/update"] = scalars["time/update"] = time.perf_counter() - t0
     else:
       scalars["train/skipped_no_episodes"] = 1.0
     self.state["step"] = jnp.asarray(step, jnp.int32)
@@ -360,6 +387,7 @@ class Trainer:
                         "the same command to resume", step)
         break
     sigterm.uninstall()
+    self._cancel_prefetch()  # stopped early: the next step's tasks are made again on resume
     self.ckpt.wait()  # never return with a save in flight
     self.log.flush()
     return last
@@ -375,6 +403,7 @@ class Trainer:
                                    runtime.device_memory(jax.local_devices())))
 
   def close(self) -> None:
+    self._cancel_prefetch()
     if self.sigterm is not None:
       self.sigterm.uninstall()
     self.engine.close()
