@@ -87,6 +87,7 @@ def test_validation_tasks_are_saved_to_and_reloaded_from_a_gs_workdir(gcs):
     return [_task(0), _task(1)]
   trainer = types.SimpleNamespace(  # what _validation_tasks reads of a Trainer
       log=types.SimpleNamespace(workdir=runtime.run_path("gs://bucket/run")), _tasks=make_tasks,
+      info=types.SimpleNamespace(count=1, index=0),
       cfg=ml_collections.ConfigDict(dict(seed=0, validation=dict(num_tasks=2, level=0))))
   first = asyncio.run(train.Trainer._validation_tasks(trainer))
   again = asyncio.run(train.Trainer._validation_tasks(trainer))

@@ -59,6 +59,17 @@ def check_budgets(cfg) -> None:
                      f"rollout.max_episode_tokens ({longest})")
 
 
+def process_seed(seed: int, info: distributed.ProcessInfo) -> int:
+  """Host randomness of this process: each of several plays its own share of tasks."""
+  return seed if info.count == 1 else seeding.derive_seed(seed, 0x5EED, info.index)
+
+
+def validation_seed(cfg) -> int:
+  """validation.seed, or the run's seed where it is -1."""
+  seed = int(cfg.validation.get("seed", -1))
+  return cfg.seed if seed == -1 else seed
+
+
 HOST_STATE = ("curriculum", "step")  # state every process holds whole, on the host side
 
 
@@ -73,8 +84,7 @@ class Trainer:
     self.info = distributed.process_info()
     if self.info.count > 1:  # each process writes its shards of one shared directory
       distributed.assert_shared_directory(self.workdir)
-    # Host randomness (tasks, sampling) differs per process: each plays its own share of tasks.
-    self.host_seed = self._host_seed(cfg.seed)
+    self.host_seed = process_seed(cfg.seed, self.info)
     self.mesh = training_mesh(cfg)
     model, self.tokenizer = policy_lib.load_policy(cfg, self.mesh)
     self.chat = ChatFormat(self.tokenizer)
@@ -148,14 +158,6 @@ class Trainer:
       restored[key] = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), restored[key])
     self.state = restored
     return int(found.step)
-
-  def _host_seed(self, seed: int) -> int:
-    return seed if self.info.count == 1 else seeding.derive_seed(seed, 0x5EED, self.info.index)
-
-  def _validation_seed(self) -> int:
-    """validation.seed, or the run's seed where it is -1."""
-    seed = int(self.cfg.validation.get("seed", -1))
-    return self.cfg.seed if seed == -1 else seed
 
   # ---- one step ------------------------------------------------------------------------
 
@@ -323,11 +325,11 @@ class Trainer:
     path = self.log.workdir / "validation_tasks.json"
     if path.exists():
       return [Task.from_dict(d) for d in json.loads(path.read_text())]
-    seed = self._validation_seed()
+    seed = validation_seed(self.cfg)
     key = jax.random.fold_in(jax.random.key(seed), 0x7FFFFFFF)  # not a train step
     tasks = await self._tasks(-1, key=key, n=self.cfg.validation.num_tasks, seed_step=-1,
                               level=int(self.cfg.validation.get("level", 0)),
-                              validation=True, host_seed=self._host_seed(seed))
+                              validation=True, host_seed=process_seed(seed, self.info))
     path.write_text(json.dumps([t.to_dict() for t in tasks], indent=1))
     return tasks
 
@@ -339,7 +341,7 @@ class Trainer:
                               top_p=v.top_p, top_k=v.top_k)
     result = await rollout.run_rollouts(
         tasks, engine=self.engine, chat=self.chat, tokenizer=self.tokenizer, world=self.world,
-        cfg=cfg, seed=seeding.derive_seed(self._host_seed(self._validation_seed()), -1),
+        cfg=cfg, seed=seeding.derive_seed(process_seed(validation_seed(self.cfg), self.info), -1),
         step=step, max_concurrent=self.cfg.rollout_concurrency, min_group=1)
     eps = result.episodes
     self.log.episodes(step, eps, tasks, float(v.get("level", 0)), kind="validation")
