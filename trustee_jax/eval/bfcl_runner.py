@@ -44,7 +44,8 @@ def parse_args(argv):
 
 def untagged_calls(text: str) -> list[dict]:
   """The `{"name": str, "arguments": dict}` JSON objects in `text`, in order (bare, fenced or
-  in prose), as the project's parser reads untagged calls; nothing else counts as a call."""
+  in prose); nothing else counts as a call. Unlike the project's parser, any name is kept:
+  BFCL's checker judges the names."""
   decoder, calls, i = json.JSONDecoder(), [], text.find("{")
   while i != -1:
     try:
