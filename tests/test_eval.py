@@ -156,7 +156,8 @@ def test_bfcl_settings_command_and_environment(tmp_path):
 
 
 def test_the_bfcl_runner_reads_untagged_calls_as_the_projects_parser_does():
-  """Bare, fenced or in-prose {"name", "arguments"} objects are calls; other JSON is not."""
+  """Bare, fenced or in-prose call objects are calls, read by the project's parser (a missing
+  "arguments" is {}); other JSON is not."""
   spec = importlib.util.spec_from_file_location("bfcl_runner", bfcl.RUNNER)
   runner = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(runner)  # stdlib only at import: BFCL is imported inside functions
@@ -164,7 +165,8 @@ def test_the_bfcl_runner_reads_untagged_calls_as_the_projects_parser_does():
           'and {"name": "f", "arguments": {}} {"name": "g"} {"k": 1} {"name": 3, "arguments": {}}'
           ' {broken')
   assert runner.untagged_calls(text) == [
-      {"name": "area", "arguments": {"base": 10, "h": {"x": 1}}}, {"name": "f", "arguments": {}}]
+      {"name": "area", "arguments": {"base": 10, "h": {"x": 1}}}, {"name": "f", "arguments": {}},
+      {"name": "g", "arguments": {}}]
   assert runner.untagged_calls("no calls here") == []
 
 

@@ -96,11 +96,17 @@ def parse_output(text: str, first_call_index: int = 0, *,
 _FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?|```")
 
 
-def _untagged_calls(text: str, first_call_index: int, offered: Collection[str]
+def untagged_calls(text: str) -> list[ToolCall]:
+  """Every call-shaped JSON object in `text` written without tags, whatever tool it names: for
+  evaluators whose own checker judges the names (BFCL's runner)."""
+  return _untagged_calls(text, 0, None)[0]
+
+
+def _untagged_calls(text: str, first_call_index: int, offered: Collection[str] | None
                     ) -> tuple[list[ToolCall], int, str]:
   """Call-shaped JSON objects written without tags (bare or in a code fence): those naming an
-  offered tool as calls, how many were found in all, and the text without the accepted ones
-  (and without code fences, when any was accepted)."""
+  offered tool (any tool, with `offered` None) as calls, how many were found in all, and the
+  text without the accepted ones (and without code fences, when any was accepted)."""
   decoder = json.JSONDecoder()
   calls, kept, found, pos = [], [], 0, 0
   while (start := text.find("{", pos)) != -1:
@@ -114,7 +120,7 @@ def _untagged_calls(text: str, first_call_index: int, offered: Collection[str]
     if isinstance(obj, dict) and set(obj) <= {"name", "arguments", "parameters"}:
       call = _parse_call(json.dumps(obj), f"call_{first_call_index + len(calls)}")
     found += isinstance(call, ToolCall)
-    take = isinstance(call, ToolCall) and call.name in offered
+    take = isinstance(call, ToolCall) and (offered is None or call.name in offered)
     kept.append(text[pos:start] if take else text[pos:end])
     if take:
       calls.append(call)

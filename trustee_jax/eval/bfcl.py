@@ -22,8 +22,10 @@ from trustee_jax.eval.common import CommandFailed, Endpoint, EvalError, RunFaile
 
 BFCL_VERSION = "2026.3.23"
 # torch pinned so pip takes the CPU build this machine has (and no CUDA wheels elsewhere);
-# soundfile because qwen-agent (a bfcl-eval dependency) imports it without declaring it.
-SPEC = venv_lib.VenvSpec("bfcl", (f"bfcl-eval=={BFCL_VERSION}", "torch==2.13.0", "soundfile"))
+# soundfile because qwen-agent (a bfcl-eval dependency) imports it without declaring it;
+# jsonschema because the runner reads untagged calls with trustee_jax.tool_calls.
+SPEC = venv_lib.VenvSpec("bfcl", (f"bfcl-eval=={BFCL_VERSION}", "torch==2.13.0", "soundfile",
+                                  "jsonschema"))
 RUNNER = pathlib.Path(__file__).with_name("bfcl_runner.py")
 DEFAULT_HANDLER = "trustee-chat-FC"
 

@@ -43,21 +43,13 @@ def parse_args(argv):
 
 
 def untagged_calls(text: str) -> list[dict]:
-  """The `{"name": str, "arguments": dict}` JSON objects in `text`, in order (bare, fenced or
-  in prose); nothing else counts as a call. Unlike the project's parser, any name is kept:
-  BFCL's checker judges the names."""
-  decoder, calls, i = json.JSONDecoder(), [], text.find("{")
-  while i != -1:
-    try:
-      value, end = decoder.raw_decode(text, i)
-    except json.JSONDecodeError:
-      i = text.find("{", i + 1)
-      continue
-    if (isinstance(value, dict) and set(value) == {"name", "arguments"}
-        and isinstance(value["name"], str) and isinstance(value["arguments"], dict)):
-      calls.append(value)
-    i = text.find("{", end)
-  return calls
+  """The untagged calls in `text` as BFCL's {"name", "arguments"} dicts, read by the project's
+  own parser (trustee_jax.tool_calls, imported from this checkout: it needs only jsonschema)."""
+  root = str(pathlib.Path(__file__).resolve().parents[2])
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from trustee_jax import tool_calls
+  return [{"name": c.name, "arguments": c.arguments} for c in tool_calls.untagged_calls(text)]
 
 
 def register_handler(served_name: str, accept_untagged: bool = False) -> None:
