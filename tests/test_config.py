@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from trustee_jax import config_files, curriculum, grpo, lora, rollout, train, world
+from trustee_jax import config_files, curriculum, grpo, lora, rollout, run_settings, world
 from trustee_jax.config_dataclass import from_config
 from trustee_jax.default_config import default_config, role_sampling
 from trustee_jax.simulator import judge, tasks, tools, user
@@ -70,7 +70,7 @@ def test_every_shipped_config_builds_every_dataclass(name):
   judge.Judge(None, w.judge.to_dict())
   if cfg.get("lora") and cfg.lora.enabled:  # as the trainer builds it (policy.lora_config)
     lora.LoraConfig.from_dict(cfg.lora)
-  train.check_budgets(cfg)
+  run_settings.check_budgets(cfg)
 
 
 @pytest.mark.parametrize("path,key", [

@@ -22,52 +22,13 @@ from trustee_jax import controls, distributed, grpo, lora, rollout, runtime, see
 from trustee_jax import update
 from trustee_jax import policy as policy_lib
 from trustee_jax.checkpoint import Checkpointer, abstract_like, check_resumable
+from trustee_jax.run_settings import check_budgets, process_seed, training_mesh, validation_seed
 from trustee_jax.chat import ChatFormat
 from trustee_jax.sampling.sglang_backend import build_policy_backend, logprob_gap
 from trustee_jax.simulator import validation_file
 from trustee_jax.simulator.tasks import Task
 from trustee_jax.train_logging import RunLogger, oracle_scalars, show_progress_bar, step_line
 from trustee_jax.world import build_world
-
-
-def training_mesh(cfg):
-  """The (data, fsdp, tensor) mesh of `cfg.mesh.shape` over every process's devices, or None
-  (shape (): one device, no sharding; only with one process)."""
-  shape = tuple(cfg.get("mesh", {}).get("shape", ()) or ())
-  if not shape and jax.process_count() > 1:
-    raise distributed.DistributedError(
-        f"{jax.process_count()} processes need a mesh: set --config.mesh.shape")
-  return distributed.global_mesh(shape) if shape else None
-
-
-def check_budgets(cfg) -> None:
-  """Refuses budgets that cannot hold together: a run of at least one step of at least one task,
-  and every episode (at most rollout.max_episode_tokens) within the in-process engine's cache
-  (SGLang's context is the server's) and the largest length bucket."""
-  for key in ("steps", "tasks_per_step", "updates_per_step", "micro_batch"):
-    if cfg.train[key] < 1:
-      raise ValueError(f"train.{key} must be at least 1, got {cfg.train[key]}")
-  longest = cfg.rollout.max_episode_tokens
-  if cfg.engine.get("backend", "jax") == "jax" and longest > cfg.engine.cache_len:
-    raise ValueError(f"rollout.max_episode_tokens ({longest}) exceeds engine.cache_len "
-                     f"({cfg.engine.cache_len}): the policy could not sample the episode's end")
-  if longest > max(cfg.train.length_buckets):
-    raise ValueError(f"rollout.max_episode_tokens ({longest}) exceeds the largest of "
-                     f"train.length_buckets {tuple(cfg.train.length_buckets)}")
-  if cfg.rollout.max_turn_tokens >= longest:
-    raise ValueError(f"rollout.max_turn_tokens ({cfg.rollout.max_turn_tokens}) must be below "
-                     f"rollout.max_episode_tokens ({longest})")
-
-
-def process_seed(seed: int, info: distributed.ProcessInfo) -> int:
-  """Host randomness of this process: each of several plays its own share of tasks."""
-  return seed if info.count == 1 else seeding.derive_seed(seed, 0x5EED, info.index)
-
-
-def validation_seed(cfg) -> int:
-  """validation.seed, or the run's seed where it is -1."""
-  seed = int(cfg.validation.get("seed", -1))
-  return cfg.seed if seed == -1 else seed
 
 
 HOST_STATE = ("curriculum", "step")  # state every process holds whole, on the host side
