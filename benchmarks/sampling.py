@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from trustee_jax.models import loading, model_configs, tokenizer, weights  # noqa: E402
+from trustee_jax.models import loading, model_configs, tokenizer  # noqa: E402
+from trustee_jax.models.hf_config import config_to_hf  # noqa: E402
 from trustee_jax.models.transformer import create_model  # noqa: E402
 from trustee_jax.sampling import constrained  # noqa: E402
 from trustee_jax.sampling.engine import Engine, SamplingParams  # noqa: E402
@@ -77,7 +78,7 @@ def _load(torch):
   name = "smollm2-135m" if _MODEL.value == "smollm2" else _MODEL.value
   cfg = model_configs.get_model_config(name, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   model = create_model(cfg, seed=0)
-  hf_config = transformers.AutoConfig.for_model(**weights.config_to_hf(cfg, _DTYPE.value))
+  hf_config = transformers.AutoConfig.for_model(**config_to_hf(cfg, _DTYPE.value))
   with torch.device(device):  # random init straight on the device (8B on the GPU)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=tdtype)
   return model, tok, hf.eval()

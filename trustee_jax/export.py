@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from trustee_jax import lora
 from trustee_jax.chat import ChatFormat
-from trustee_jax.models import loading, weights
+from trustee_jax.models import hf_config, loading, weights
 from trustee_jax.models import tokenizer as tok_lib
 from trustee_jax.models.transformer import ModelConfig, RopeScaling, Transformer
 from trustee_jax.policy import config_meta, load_policy, model_meta
@@ -336,7 +336,8 @@ def checked_base_dir(base_dir: str | pathlib.Path, model: Transformer) -> str:
     raise ExportError(f"{config} does not exist: the base must be an HF directory "
                       "(export it with --base_model NAME --out DIR)")
   try:
-    shape = config_meta(weights.config_from_hf(json.loads(config.read_text()), source=str(config)))
+    config_json = json.loads(config.read_text())
+    shape = config_meta(hf_config.config_from_hf(config_json, source=str(config)))
   except (ValueError, KeyError) as e:
     raise ExportError(f"{config} is not a base this project can adapt: {e}") from e
   want = config_meta(model.cfg)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from trustee_jax.models.transformer import KVCache, Transformer
-from trustee_jax.sampling import constrained, paged_slots, sampler
+from trustee_jax.sampling import constrained, paged_slots, sampler, slots
 from trustee_jax.sampling.requests import (Completion, EngineError, QueueFullError, Request,
                                            RequestError, SamplingParams, check_request,
                                            decode_options, resolve, row_sampling, step_options)
@@ -37,28 +37,11 @@ _STATS = ("prefill_tokens", "reused_tokens", "decode_steps", "requests_done",
           "requests_cancelled", "rejected_queue_full", "engine_errors")
 
 
-@dataclasses.dataclass
-class _Slot:
-  cached_ids: list[int] = dataclasses.field(default_factory=list)  # tokens in the KV cache
-  request: Request | None = None
-  position: int = -1  # where the last sampled token will be written
-  last_used: int = 0
-  stale: bool = False  # the weights changed mid-request: its cache is not reused afterwards
-
-
 def _bucket(n: int, smallest: int, cap: int) -> int:
   b = smallest
   while b < n:
     b *= 2
   return min(b, cap)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-  n = min(len(a), len(b))
-  if n == 0:
-    return 0
-  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-  return int(diff[0]) if diff.size else n
 
 
 class Engine:
@@ -94,7 +77,7 @@ class Engine:
     self.decode_fn, self.grammar = decode_fn, grammar_compiler
     self.static_batching = static_batching
     self._mesh, self._rules = model.mesh, model.rules
-    self.slots = [_Slot() for _ in range(num_slots)]
+    self.slots = [slots.Slot() for _ in range(num_slots)]
     self._reset_device_state()
     self.stats = collections.Counter(dict.fromkeys(_STATS, 0))
     self.busy_seconds = 0.0  # wall time the engine thread spent in device steps
@@ -257,11 +240,7 @@ class Engine:
       if not free:
         break
       req = self._pending.popleft()
-      matches = [(_common_prefix(self.slots[i].cached_ids, req.prompt), i) for i in free]
-      best, slot_id = max(matches, key=lambda m: (m[0], -self.slots[m[1]].last_used))
-      if best == 0:  # no reuse: take the least recently used slot
-        slot_id = min(free, key=lambda i: self.slots[i].last_used)
-      reuse = min(best, len(req.prompt) - 1)  # the last prompt token must be fed
+      slot_id, reuse = slots.pick_dense_slot(self.slots, free, req.prompt)
       self.slots[slot_id].request = req
       admitted.append((slot_id, req, reuse))
     return admitted
@@ -398,7 +377,7 @@ class Engine:
         if self._record(slot, int(toks[j, k]), float(lps[j, k]), top_ids[j, k], top_lps[j, k]):
           break
 
-  def _record(self, slot: _Slot, token: int, logprob: float, top_ids, top_lps) -> bool:
+  def _record(self, slot: slots.Slot, token: int, logprob: float, top_ids, top_lps) -> bool:
     """Appends a sampled token to the slot's request; finishes it when done. True if done."""
     req = slot.request
     done = req.append(token, logprob, top_ids, top_lps, self.decode_fn)
