@@ -1,16 +1,12 @@
-"""GRPO update tokens/s for SmolLM2-135M (8 x 256): update.make_update_fn, its layers scanned
-and unrolled (model.layer_loop), against the same update written in PyTorch, on the same CPU,
-alternating.
+"""GRPO update tokens/s for SmolLM2-135M (8 x 256): update.make_update_fn against the same
+update written in PyTorch, on the same CPU, alternating.
 
   python benchmarks/train_step.py [--seqs 8] [--length 256] [--prompt 64] [--rounds 2]
-      [--runs 1] [--micro_batch 8] [--torch_threads 2] [--remat none] [--layer_loops scan,unroll]
-      [--breakdown] [--profile_dir DIR]
+      [--runs 1] [--micro_batch 8] [--torch_threads 2] [--breakdown] [--profile_dir DIR]
 
 Each contender runs in its own worker process (the two together need ~13 GB at 8 x 256, more
 than a shared 2-core box spares): the rounds alternate jax, torch, torch, jax, ...; each worker
-loads, does one untimed update (compile, warm-up) and `--runs` timed ones. A scanned update's
-backward writes each layer's residuals and weight gradients into [L, ...] stacks; the unrolled
-one slices the stacked weights statically, one traced block per layer (a longer compile).
+loads, does one untimed update (compile, warm-up) and `--runs` timed ones.
 
 Both sides start from the same weights (the packaged GGUF, f32) and the same batch (random
 tokens, a loss mask on the last length - prompt tokens, old log-probs near the model's own so
@@ -211,7 +207,7 @@ def run_worker(args) -> dict:
   data = dict(np.load(args.batch))
   if args.worker == "jax":
     model = weights.load_gguf()
-    model.cfg = model.cfg.replace(remat_policy=args.remat, layer_loop=args.layer_loop)
+    model.cfg = model.cfg.replace(remat_policy=args.remat)
     step = jax_runner(model, data, args.micro_batch)
   else:
     torch = common.pin_torch_threads(args.torch_threads)
@@ -251,10 +247,7 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
                   help="JAX remat policy (PyTorch keeps every activation, as 'none')")
-  ap.add_argument("--layer_loops", default="scan,unroll",
-                  help="JAX contenders: model.layer_loop values, comma-separated")
-  ap.add_argument("--layer_loop", default="scan", help="(worker) this JAX worker's layer loop")
-  ap.add_argument("--breakdown", action="store_true", help="also time the scanned update's parts")
+  ap.add_argument("--breakdown", action="store_true", help="also time the JAX update's parts")
   ap.add_argument("--worker", choices=["batch", "jax", "torch", "breakdown"], default=None)
   ap.add_argument("--batch", default="", help="(worker) the batch .npz")
   args = ap.parse_args()
@@ -279,18 +272,11 @@ def main() -> None:
     spawn(args, "--worker", "batch", "--batch", batch)
     probe = common.matmul_probe(torch_threads=args.torch_threads)
     print(f"matmul probe: {probe}", flush=True)
-    loops = args.layer_loops.split(",")
-    order = [f"jax_{loop}" for loop in loops] + ["torch"]
-    workers: dict[str, list[dict]] = {name: [] for name in order}
+    workers: dict[str, list[dict]] = {"jax": [], "torch": []}
     for r in range(args.rounds):
-      for name in (order if r % 2 == 0 else order[::-1]):
-        if name == "torch":
-          extra = ["--worker", "torch"]
-        else:
-          extra = ["--worker", "jax", "--layer_loop", name.removeprefix("jax_")]
-          if args.profile_dir:
-            extra += ["--profile_dir", f"{args.profile_dir}/{name}"]
-        workers[name].append(spawn(args, *extra, "--batch", batch))
+      for name in (["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]):
+        extra = ["--profile_dir", args.profile_dir] if name == "jax" and args.profile_dir else []
+        workers[name].append(spawn(args, "--worker", name, "--batch", batch, *extra))
         print(f"{name}: {workers[name][-1]}", flush=True)
     split = spawn(args, "--worker", "breakdown", "--batch", batch) if args.breakdown else None
     probe_after = common.matmul_probe(torch_threads=args.torch_threads)
@@ -306,8 +292,8 @@ def main() -> None:
                      "loadavg_after": os.getloadavg()},
          "matmul_probe": {"before": probe, "after": probe_after, "best_flops": best_matmul},
          "update_gflop": flops / 1e9, "first_loss": first_loss,
-         "loss_rel_diff": {n: abs(first_loss[n] - first_loss["torch"]) /
-                           max(abs(first_loss["torch"]), 1e-12) for n in order[:-1]}}
+         "loss_rel_diff": abs(first_loss["jax"] - first_loss["torch"]) /
+                          max(abs(first_loss["torch"]), 1e-12)}
   for name, ws in workers.items():
     runs = [x for w in ws for x in w["runs_s"]]
     best, median = min(runs), statistics.median(runs)
@@ -318,11 +304,8 @@ def main() -> None:
                  "achieved_flops": flops / best, "fraction_of_matmul": flops / best / best_matmul}
   if split:
     out["jax_breakdown"] = split
-  out["jax_over_torch"] = {n: out[n]["tokens_per_s"] / out["torch"]["tokens_per_s"]
-                           for n in order[:-1]}
-  if "jax_scan" in out and "jax_unroll" in out:
-    out["unroll_over_scan"] = out["jax_unroll"]["tokens_per_s"] / out["jax_scan"]["tokens_per_s"]
-  out["aim_met"] = max(out["jax_over_torch"].values()) > 1
+  out["jax_over_torch"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
+  out["aim_met"] = out["jax_over_torch"] > 1
   common.emit(out)
 
 

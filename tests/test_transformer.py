@@ -307,37 +307,3 @@ def test_xla_attention_matches_transformers_on_a_left_padded_batch(hf_qwen3):
   out = np.asarray(_forward(xla, jnp.asarray(tokens), jnp.asarray(positions)))
   valid = positions >= 0
   assert rel_diff(out[valid], ref[valid]) <= TOL
-
-
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("with_lora", [False, True], ids=["full", "lora"])
-def test_unrolled_layer_loop_gives_the_scans_loss_and_gradients(remat, with_lora):
-  """layer_loop='unroll' (static per-layer slices, for the update) is the scan's numerics."""
-  from trustee_jax import lora  # pylint: disable=import-outside-toplevel
-  cfg = get_model_config("tiny-qwen2", vocab_size=VOCAB, initializer_range=0.2,
-                         remat_policy=remat)
-  model = create_model(cfg, seed=7)
-  if with_lora:
-    model = lora.add_lora(model, lora.LoraConfig(rank=2), seed=1)
-    for leaf in ("wq_b", "w_down_b"):  # B is zero at init: make the adapter count
-      p = getattr(model.lora, leaf)
-      p[...] = 0.1 * jax.random.normal(jax.random.key(len(leaf)), p[...].shape)
-  tokens = jnp.asarray(_tokens(2, 10, seed=8))
-  positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  probe = jax.random.normal(jax.random.key(9), (2, 10, cfg.hidden_size))
-  graphdef, trainable, rest = (lora.split(model) if with_lora else
-                               (*nnx.split(model, nnx.Param), nnx.State({})))
-  results = []
-  for loop in ("scan", "unroll"):
-    def loss(trainable, loop=loop):
-      m = nnx.merge(graphdef, trainable, rest)
-      m.cfg = m.cfg.replace(layer_loop=loop)
-      return jnp.sum(m.hidden_states(tokens, positions)[0] * probe)
-    results.append(jax.jit(jax.value_and_grad(loss))(trainable))
-  (l_scan, g_scan), (l_unroll, g_unroll) = results
-  assert abs(float(l_unroll) - float(l_scan)) <= 1e-4 * abs(float(l_scan))
-  for a, b in zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_unroll)):
-    a, b = np.asarray(a), np.asarray(b)  # some are exactly 0 (A's, where B is still 0)
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(a).max()))
-  with pytest.raises(ValueError, match="layer_loop"):
-    cfg.replace(layer_loop="loop")

@@ -38,8 +38,7 @@ RESUMABLE_CHANGES = ("train.steps", "log.*", "validation.every", "checkpoint.*",
                      "rollout_concurrency", "mesh.shape", "distributed.*", "resume.*",
                      "simulator.urls", "simulator.port", "simulator.api_key",
                      "simulator.log_dir", "simulator.timeout_s", "simulator.startup_timeout_s",
-                     "model.attention_impl", "model.layer_loop",  # same numerics
-                     "hardware.allow_cpu",  # CPU smoke
+                     "model.attention_impl", "hardware.allow_cpu",  # same numerics; CPU smoke
                      "engine.kv_layout", "engine.block_size", "engine.num_blocks")  # same tokens
 
 

@@ -39,10 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="smollm2", tokenizer="smollm2", dtype="float32", param_dtype="float32",
       remat_policy="full",  # recompute each layer in the backward: activations of one layer
-      attention_impl="einsum",  # einsum | xla | cudnn | splash | auto (models/attention.py)
-      # scan | unroll: the update's layers scanned over the stacked weights, or unrolled over
-      # static slices of them (no [L, ...] residual and gradient stacks; a longer compile).
-      layer_loop="scan"))
+      attention_impl="einsum"))  # einsum | xla | cudnn | splash | auto (models/attention.py)
   # unstack_layers: decode reads a per-layer copy of the weights (faster, one more copy).
   # kv_layout: dense (a cache_len row per slot) | paged (one pool of block_size-token blocks,
   # num_blocks of them, 0: the dense cache's memory; shared prompt prefixes are computed once).

@@ -29,7 +29,6 @@ def load_policy(cfg, mesh=None) -> tuple[Any, Tokenizer]:
   return loading.load_model_and_tokenizer(
       m.name, tokenizer, mesh=mesh, param_dtype=m.get("param_dtype"), dtype=m.get("dtype"),
       seed=cfg.seed, remat_policy=m.get("remat_policy"), attention_impl=m.get("attention_impl"),
-      layer_loop=m.get("layer_loop"),
       rules=sharding.rules_from_config(cfg.get("mesh", {}).get("rules", {})))
 
 
@@ -37,7 +36,7 @@ def config_meta(mcfg) -> dict[str, Any]:
   """A ModelConfig's shape as a checkpoint records it (export rebuilds the model from it)."""
   return {k: (str(v) if not isinstance(v, (int, float, bool, str, type(None))) else v)
           for k, v in dataclasses.asdict(mcfg).items()
-          if k not in ("dtype", "remat_policy", "attention_impl", "layer_loop", "name")}
+          if k not in ("dtype", "remat_policy", "attention_impl", "name")}
 
 
 def model_meta(model) -> dict[str, Any]:

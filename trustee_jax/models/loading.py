@@ -34,14 +34,12 @@ def gguf_path(name: str) -> pathlib.Path:
 
 def load_model(name: str, *, mesh=None, param_dtype: str | None = None,
                dtype: str | None = None, seed: int = 0, remat_policy: str | None = None,
-               attention_impl: str | None = None, layer_loop: str | None = None,
-               rules=None) -> Transformer:
+               attention_impl: str | None = None, rules=None) -> Transformer:
   """The model `name` stands for, its weights in `param_dtype` (default: f32 for GGUF files,
   the checkpoint's dtype for HF directories) computing in `dtype` (default: param_dtype),
   laid out on `mesh` by the logical-axis `rules` (default: sharding.LOGICAL_RULES; a run's
   are `sharding.rules_from_config(cfg.mesh.rules)`), attending by `attention_impl` (default:
-  the config's, einsum; see models/attention.py), the update's layers run by `layer_loop`
-  (default scan)."""
+  the config's, einsum; see models/attention.py)."""
   rules = shd.LOGICAL_RULES if rules is None else rules
   if name in PACKAGED:
     model = weights.load_gguf(gguf_path(name), mesh=mesh, param_dtype=param_dtype or "float32",
@@ -57,9 +55,10 @@ def load_model(name: str, *, mesh=None, param_dtype: str | None = None,
   else:
     raise ValueError(f"unknown model {name!r}: expected one of {PACKAGED} (packaged GGUF), a "
                      f"Hugging Face directory, or a named config {sorted(model_configs.MODEL_CONFIGS)}")
-  how_it_runs = {k: v for k, v in (("remat_policy", remat_policy), ("attention_impl",
-                  attention_impl), ("layer_loop", layer_loop)) if v}
-  model.cfg = model.cfg.replace(**how_it_runs)
+  if remat_policy:
+    model.cfg = model.cfg.replace(remat_policy=remat_policy)
+  if attention_impl:
+    model.cfg = model.cfg.replace(attention_impl=attention_impl)
   return model
 
 

@@ -1,8 +1,7 @@
 """One Flax NNX decoder for the Llama-3 family (SmolLM2, Llama-3.1), Qwen2/Qwen2.5 and Qwen3.
 
 Layers are stacked on a leading axis and run with `jax.lax.scan`, so a 30-layer model
-compiles one block per shape (`layer_loop="unroll"` runs a cacheless pass over static slices of
-the stack instead, one block per layer: its backward writes no stacked residuals). The KV cache is position-indexed: the token at position p
+compiles one block per shape. The KV cache is position-indexed: the token at position p
 of row b lives at cache[:, b, p], whatever padding the input had. That one rule gives
 left-padded prefill, per-row decode positions (continuous batching) and prefix reuse.
 """
@@ -54,12 +53,9 @@ class ModelConfig:
   dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   attention_impl: str = "einsum"  # attention.IMPLEMENTATIONS: einsum | xla | cudnn | splash | auto
-  layer_loop: str = "scan"  # LAYER_LOOPS: how a cacheless pass (the update) runs the layers
 
   def __post_init__(self):
     attn_lib.check_implementation(self.attention_impl)
-    if self.layer_loop not in LAYER_LOOPS:
-      raise ValueError(f"layer_loop {self.layer_loop!r}: one of {LAYER_LOOPS}")
 
   @property
   def architecture(self) -> str:
@@ -124,7 +120,6 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("layers", "mlp", "embed"),
 }
 
-LAYER_LOOPS = ("scan", "unroll")  # unroll: one traced block per layer (a longer compile)
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -331,19 +326,14 @@ class Transformer(nnx.Module):
       return (x, layer + 1, ck, cv), None
 
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
-    if layers is None:  # the stacked weights (the update's path; inference may pass `layers`)
-      if cfg.remat_policy != "none":
-        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat_policy])
-      if cache is None and cfg.layer_loop == "unroll":  # static slices: no [L, ...] stacks
-        stacked = self._layer_params()
-        layers = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
-                       for i in range(cfg.num_layers))
-    if layers is not None:  # unrolled, layer indices static
+    if layers is not None:  # unrolled, layer indices static (inference: no remat)
       carry = (x, 0, ck, cv)
       for lp in layers:
         carry, _ = block(carry, lp)
       x, _, ck, cv = carry
     else:
+      if cfg.remat_policy != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat_policy])
       (x, _, ck, cv), _ = jax.lax.scan(block, (x, jnp.int32(0), ck, cv), self._layer_params())
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if cache is None:
