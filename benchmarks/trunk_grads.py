@@ -62,9 +62,11 @@ def main() -> None:
     value, grads = jax.value_and_grad(loss)(layers)
     return value, {n: jnp.stack([g[n] for g in grads]) for n in names}
 
+  last: dict[str, tuple] = {}  # each contender's latest (loss, gradients), compared below
   res = common.alternate({"scan": lambda: scanned(params),
-                          "per_layer": lambda: unrolled(params, per_layer)}, rounds=args.rounds)
-  (loss_s, g_s), (loss_u, g_u) = scanned(params), unrolled(params, per_layer)
+                          "per_layer": lambda: unrolled(params, per_layer)}, rounds=args.rounds,
+                         check=last.__setitem__)
+  (loss_s, g_s), (loss_u, g_u) = last["scan"], last["per_layer"]
   grad_diff = max(float(jnp.max(jnp.abs(g_s[n] - g_u[n]))) for n in names)
   assert grad_diff <= 1e-3 * max(float(jnp.max(jnp.abs(g_s[n]))) for n in names), grad_diff
   out = {"benchmark": "trunk_grads", "model": "smollm2-135m (GGUF, f32)", "batch": b,
