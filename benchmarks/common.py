@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: honest timing, alternating contenders, the matmul probe.
+"""Shared benchmark helpers: honest timing, alternating contenders, matmul and bandwidth probes.
 
 Every benchmark here compares contenders in one run on one machine: each contender is run
 once to compile/warm (that time is reported apart), then the timed runs alternate (A B B A
@@ -128,6 +128,27 @@ def matmul_probe(n: int = 2048, reps: int = 5, torch_threads: int = 2) -> dict[s
   jax_fs, torch_fs = flops / res["jax"]["min_s"], flops / res["torch"]["min_s"]
   return {"n": n, "jax_flops": jax_fs, "torch_flops": torch_fs,
           "best_flops": max(jax_fs, torch_fs)}
+
+
+def memory_bandwidth_probe(gib: float = 1.0, reps: int = 5,
+                           torch_threads: int = 2) -> dict[str, float]:
+  """This machine's read bandwidth in bytes/s: a sum over `gib` GiB of f32 (far above any cache),
+  by jnp.sum and torch.sum, and the better: what bounds a batch-1 decode step's weight reads."""
+  n = int(gib * 2**30) // 4
+  x_np = np.ones((n,), np.float32)
+  x = jnp.asarray(x_np)
+  total = jax.jit(jnp.sum)
+  torch = pin_torch_threads(torch_threads)
+  tx = torch.from_numpy(x_np)
+
+  def run_torch():
+    with torch.inference_mode():
+      return torch.sum(tx)
+
+  res = alternate({"jax": lambda: total(x), "torch": run_torch}, rounds=reps)
+  jax_bw, torch_bw = 4.0 * n / res["jax"]["min_s"], 4.0 * n / res["torch"]["min_s"]
+  return {"bytes": 4 * n, "jax_bytes_per_s": jax_bw, "torch_bytes_per_s": torch_bw,
+          "best_bytes_per_s": max(jax_bw, torch_bw)}
 
 
 def machine() -> dict[str, Any]:

@@ -7,7 +7,9 @@
 Sections (all in one run, contenders alternating, compile time reported apart, equal work
 asserted):
   decode:       B prompts x N new tokens, greedy: Engine(num_slots=B) vs transformers
-                `generate` (min_new_tokens = max_new_tokens, EOS off), torch on fixed threads.
+                `generate` (min_new_tokens = max_new_tokens, EOS off), torch on fixed threads;
+                at batch 1 also against the bound of reading every weight once a token at
+                the bandwidth common.memory_bandwidth_probe measures in the same run (CPU).
   constrained:  B requests under a JSON schema vs the same B unconstrained, each request
                 cut to exactly the length its constrained run had (greedy, so fixed).
   makespan:     16 requests arriving staggered (evenly over the first half of the time one
@@ -117,7 +119,14 @@ def _hf_generate(torch, hf, prompts, new_tokens):
   return run
 
 
-def decode_section(torch, model, tok, hf, cache_len):
+def decode_weight_bytes(cfg, itemsize: int) -> int:
+  """Bytes of weights one decode step reads: every layer, the final norm and the output
+  matrix (a separate head's embedding table is read one row a token, so it is left out)."""
+  unread = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
+  return (cfg.num_params() - unread) * itemsize
+
+
+def decode_section(torch, model, tok, hf, cache_len, bandwidth=None):
   results = {}
   for batch in map(int, _BATCHES.value):
     prompts = _prompts(tok, batch, _PROMPT_LEN.value, model.cfg.vocab_size)
@@ -147,6 +156,13 @@ def decode_section(torch, model, tok, hf, cache_len):
     entry["engine"]["compile_s"] = res["engine"]["first_call_s"] - res["engine"]["min_s"]
     entry["speedup"] = entry["engine"]["tokens_per_s"] / entry["transformers"]["tokens_per_s"]
     entry["identical_greedy_fraction"] = float(same)
+    if bandwidth and batch == 1:  # batch 1 reads every weight once a token
+      weight_bytes = decode_weight_bytes(model.cfg, np.dtype(_DTYPE.value).itemsize)
+      bound = bandwidth["best_bytes_per_s"] / weight_bytes
+      entry["bandwidth_bound"] = {
+          "weight_bytes_per_token": weight_bytes, "tokens_per_s": bound,
+          "engine_fraction": entry["engine"]["tokens_per_s"] / bound,
+          "transformers_fraction": entry["transformers"]["tokens_per_s"] / bound}
     results[f"batch_{batch}"] = entry
     print(f"decode batch {batch}: {entry}", flush=True)
   return results
@@ -435,7 +451,11 @@ def main(_):
   out = {"benchmark": "sampling", "model": _MODEL.value, "random_weights": _RANDOM.value,
          "dtype": _DTYPE.value, "prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW.value,
          "machine": common.machine(), "backend": jax.default_backend()}
-  sections = {"decode": lambda: decode_section(torch, model, tok, hf, cache_len),
+  if "decode" in _SECTIONS.value and not _GPU.value:
+    out["memory_bandwidth_probe"] = common.memory_bandwidth_probe(torch_threads=_THREADS.value)
+    print(f"memory bandwidth probe: {out['memory_bandwidth_probe']}", flush=True)
+  sections = {"decode": lambda: decode_section(torch, model, tok, hf, cache_len,
+                                               out.get("memory_bandwidth_probe")),
               "constrained": lambda: constrained_section(model, tok, cache_len),
               "makespan": lambda: makespan_section(model, tok, cache_len),
               "conversation": lambda: conversation_section(model, tok, 1024),

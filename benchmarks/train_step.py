@@ -1,8 +1,10 @@
-"""GRPO update tokens/s for SmolLM2-135M (8 x 256): update.make_update_fn against the same
-update written in PyTorch, on the same CPU, alternating.
+"""GRPO update tokens/s of a packaged GGUF model (SmolLM2-135M unless --model names another;
+8 x 256): update.make_update_fn against the same update written in PyTorch, on the same CPU,
+alternating.
 
-  python benchmarks/train_step.py [--seqs 8] [--length 256] [--prompt 64] [--rounds 2]
-      [--runs 1] [--micro_batch 8] [--torch_threads 2] [--breakdown] [--profile_dir DIR]
+  python benchmarks/train_step.py [--model smollm2] [--seqs 8] [--length 256] [--prompt 64]
+      [--rounds 2] [--runs 1] [--micro_batch 8] [--torch_threads 2] [--breakdown]
+      [--profile_dir DIR]
 
 Each contender runs in its own worker process (the two together need ~13 GB at 8 x 256, more
 than a shared 2-core box spares): the rounds alternate jax, torch, torch, jax, ...; each worker
@@ -15,7 +17,7 @@ GRPO token-mean loss (asymmetric clip 0.2/0.2, dual clip 3, no KL term), backwar
 clipping at 1.0 and AdamW (lr 1e-6, weight decay 0.01), over micro-batches of --micro_batch
 sequences whose gradients add up (the same update for any split). JAX: `update.make_update_fn`
 (chunked vocabulary log-probs with entropy, micro-batch scan). PyTorch: transformers'
-LlamaForCausalLM, full [n, T, V] logits and log_softmax (entropy under no_grad, as a metric),
+model of the same file (Llama or Qwen2), full [n, T, V] logits and log_softmax (entropy under no_grad, as a metric),
 backward per micro-batch, torch.optim.AdamW.
 Parity: the loss of the first update (same params) must agree on both sides.
 
@@ -27,6 +29,7 @@ measured in the same run). Tunix is compared in its own same-run benchmark
 object.
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -47,7 +50,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from trustee_jax import grpo, step_batch, update  # noqa: E402
-from trustee_jax.models import model_configs, packaged, weights  # noqa: E402
+from trustee_jax.models import loading  # noqa: E402
 from trustee_jax.models.transformer import ModelConfig  # noqa: E402
 
 CLIP, DUAL_CLIP, LR, WEIGHT_DECAY, GRAD_CLIP = 0.2, 3.0, 1e-6, 0.01, 1.0
@@ -99,9 +102,9 @@ def jax_runner(model, batch: dict, micro_batch: int):
   return step
 
 
-def torch_runner(torch, batch: dict, micro_batch: int):
+def torch_runner(torch, batch: dict, micro_batch: int, model_name: str):
   import transformers  # pylint: disable=import-outside-toplevel
-  path = packaged.smollm2_gguf_path()
+  path = loading.gguf_path(model_name)
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       str(path.parent), gguf_file=path.name, dtype=torch.float32)
   hf.train()
@@ -146,7 +149,7 @@ def breakdown(args) -> dict:
   backward, the chunked log-prob head's, and the optimizer, each jitted alone at the update's
   shapes (alternating), with their model FLOP/s (the head's backward recomputes its logits:
   4 passes of 2*N*d*V); `rest_s` is what the parts do not explain (loss, scan, glue)."""
-  model = weights.load_gguf()
+  model = loading.load_model(args.model)
   cfg = model.cfg
   graphdef, params = nnx.split(model)
   data = dict(np.load(args.batch))
@@ -206,12 +209,11 @@ def run_worker(args) -> dict:
   """One contender in this process: warm-up update, then `args.runs` timed ones."""
   data = dict(np.load(args.batch))
   if args.worker == "jax":
-    model = weights.load_gguf()
-    model.cfg = model.cfg.replace(remat_policy=args.remat)
+    model = loading.load_model(args.model, remat_policy=args.remat)
     step = jax_runner(model, data, args.micro_batch)
   else:
     torch = common.pin_torch_threads(args.torch_threads)
-    step = torch_runner(torch, data, args.micro_batch)
+    step = torch_runner(torch, data, args.micro_batch, args.model)
   first_s, loss = common.timed(step)
   runs = [common.timed(step)[0] for _ in range(args.runs)]
   if args.worker == "jax" and args.profile_dir:
@@ -224,7 +226,7 @@ def run_worker(args) -> dict:
 
 def spawn(args, *extra: str) -> dict:
   """Runs this script as a worker; its last stdout line is its JSON result."""
-  cmd = [sys.executable, __file__, "--seqs", str(args.seqs), "--length", str(args.length),
+  cmd = [sys.executable, __file__, "--model", args.model, "--seqs", str(args.seqs), "--length", str(args.length),
          "--prompt", str(args.prompt), "--micro_batch", str(args.micro_batch), "--runs",
          str(args.runs), "--torch_threads", str(args.torch_threads), "--seed", str(args.seed),
          "--remat", args.remat, *extra]
@@ -236,6 +238,8 @@ def spawn(args, *extra: str) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="smollm2", choices=loading.PACKAGED,
+                  help="packaged GGUF model (transformers reads the same file)")
   ap.add_argument("--seqs", type=int, default=8)
   ap.add_argument("--length", type=int, default=256)
   ap.add_argument("--prompt", type=int, default=64, help="tokens outside the loss mask")
@@ -253,11 +257,11 @@ def main() -> None:
   args = ap.parse_args()
   jax.config.update("jax_compilation_cache_dir", str(common.REPO / ".jax_cache"))
   if args.worker == "batch":
-    model = weights.load_gguf()
+    model = loading.load_model(args.model)
     graphdef, params = nnx.split(model)
     np.savez(args.batch, **make_batch(graphdef, params, model.cfg, args.seqs, args.length,
                                       args.prompt, args.seed))
-    print(json.dumps({"ok": True}))
+    print(json.dumps({"cfg": dataclasses.asdict(model.cfg)}))
     return
   if args.worker == "breakdown":
     print(json.dumps(breakdown(args)))
@@ -269,7 +273,7 @@ def main() -> None:
   load_before = os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
     batch = str(pathlib.Path(tmp) / "batch.npz")
-    spawn(args, "--worker", "batch", "--batch", batch)
+    cfg = ModelConfig(**spawn(args, "--worker", "batch", "--batch", batch)["cfg"])
     probe = common.matmul_probe(torch_threads=args.torch_threads)
     print(f"matmul probe: {probe}", flush=True)
     workers: dict[str, list[dict]] = {"jax": [], "torch": []}
@@ -280,12 +284,11 @@ def main() -> None:
         print(f"{name}: {workers[name][-1]}", flush=True)
     split = spawn(args, "--worker", "breakdown", "--batch", batch) if args.breakdown else None
     probe_after = common.matmul_probe(torch_threads=args.torch_threads)
-  cfg = weights_cfg()
   tokens = args.seqs * args.length
   flops = update_flops(cfg, args.seqs, args.length)
   best_matmul = max(probe["best_flops"], probe_after["best_flops"])
   first_loss = {n: w[0]["first_loss"] for n, w in workers.items()}
-  out = {"benchmark": "train_step", "remat": args.remat, "model": "smollm2-135m (GGUF, f32)",
+  out = {"benchmark": "train_step", "remat": args.remat, "model": f"{args.model} (GGUF, f32)",
          "sequences": args.seqs, "length": args.length, "loss_tokens_per_seq":
          args.length - args.prompt, "micro_batch": args.micro_batch,
          "machine": {**common.machine(), "loadavg_before": load_before,
@@ -307,11 +310,6 @@ def main() -> None:
   out["jax_over_torch"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
   out["aim_met"] = out["jax_over_torch"] > 1
   common.emit(out)
-
-
-def weights_cfg() -> ModelConfig:
-  """SmolLM2-135M's shape (what the GGUF holds), without loading it."""
-  return model_configs.get_model_config("smollm2-135m")
 
 
 if __name__ == "__main__":
