@@ -21,6 +21,9 @@ from trustee_jax.train_logging import scalar_series
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 2
+# One wave of the engine's 8 slots: 12 tasks took two (about 6.5 min a validation on the AMD
+# EPYC CI machine, a third of this test); the test checks validation is logged, not its level.
+VAL_TASKS = 4
 
 
 def _installed() -> bool:
@@ -35,7 +38,7 @@ def test_the_loop_trains_on_a_signal(tmp_path):
   cmd = [sys.executable, str(ROOT / "launch" / "train.py"),
          f"--config={ROOT / 'configs' / 'learning.py'}:qwen2.5-coder-0.5b",
          f"--workdir={tmp_path}", f"--config.train.steps={STEPS}",
-         f"--config.validation.every={STEPS}", "--config.validation.num_tasks=12",
+         f"--config.validation.every={STEPS}", f"--config.validation.num_tasks={VAL_TASKS}",
          f"--config.checkpoint.every={STEPS}"]
   proc = subprocess.run(cmd, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
