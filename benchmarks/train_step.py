@@ -16,9 +16,9 @@ some ratios clip, random advantages) and do one whole optimizer update: forward,
 GRPO token-mean loss (asymmetric clip 0.2/0.2, dual clip 3, no KL term), backward, global-norm
 clipping at 1.0 and AdamW (lr 1e-6, weight decay 0.01), over micro-batches of --micro_batch
 sequences whose gradients add up (the same update for any split). JAX: `update.make_update_fn`
-(chunked vocabulary log-probs with entropy, micro-batch scan). PyTorch: transformers'
-model of the same file (Llama or Qwen2), full [n, T, V] logits and log_softmax (entropy under no_grad, as a metric),
-backward per micro-batch, torch.optim.AdamW.
+(chunked vocabulary log-probs with entropy, micro-batch scan). PyTorch: transformers' model of
+the same file (Llama or Qwen2), full [n, T, V] logits and log_softmax (entropy under no_grad, as
+a metric), backward per micro-batch, torch.optim.AdamW.
 Parity: the loss of the first update (same params) must agree on both sides.
 
 Achieved FLOP/s counts the model's matmul FLOPs of forward + backward (3x the forward's:
@@ -226,10 +226,10 @@ def run_worker(args) -> dict:
 
 def spawn(args, *extra: str) -> dict:
   """Runs this script as a worker; its last stdout line is its JSON result."""
-  cmd = [sys.executable, __file__, "--model", args.model, "--seqs", str(args.seqs), "--length", str(args.length),
-         "--prompt", str(args.prompt), "--micro_batch", str(args.micro_batch), "--runs",
-         str(args.runs), "--torch_threads", str(args.torch_threads), "--seed", str(args.seed),
-         "--remat", args.remat, *extra]
+  cmd = [sys.executable, __file__, "--model", args.model, "--seqs", str(args.seqs),
+         "--length", str(args.length), "--prompt", str(args.prompt), "--micro_batch",
+         str(args.micro_batch), "--runs", str(args.runs), "--torch_threads",
+         str(args.torch_threads), "--seed", str(args.seed), "--remat", args.remat, *extra]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f"worker {extra} exited {proc.returncode}: {proc.stderr[-2000:]}")
