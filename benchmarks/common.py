@@ -110,6 +110,14 @@ def alternate(contenders: dict[str, Callable[[], Any]], rounds: int,
   return out
 
 
+def layer_matmul_params(cfg) -> int:
+  """Weights a token multiplies through in the decoder layers (q/k/v/o and the MLP), no head:
+  the per-token matmul count the FLOP figures of forward, prefill and update start from."""
+  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                     cfg.head_dim)
+  return cfg.num_layers * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f)
+
+
 def matmul_probe(n: int = 2048, reps: int = 5, torch_threads: int = 2) -> dict[str, float]:
   """This machine's plain f32 matmul FLOP/s at n x n: jnp.dot, torch.matmul, and the better."""
   flops = 2.0 * n ** 3

@@ -39,9 +39,8 @@ _PROFILE = flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of
 def forward_flops(cfg: ModelConfig, batch: int, length: int) -> float:
   """Matmul FLOPs of one forward with full logits: projections, MLP, unembedding, and the
   attention scores and mixing over the whole length x length square (both sides compute it)."""
-  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim)
-  per_token = cfg.num_layers * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f)
+  d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+  per_token = common.layer_matmul_params(cfg)
   per_token += d * cfg.vocab_size
   tokens = batch * length
   attention = cfg.num_layers * 2 * batch * length * length * h * hd

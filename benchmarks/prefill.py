@@ -40,9 +40,8 @@ _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch intra-op threads.")
 
 def prefill_flops(cfg: ModelConfig, batch: int, length: int) -> float:
   """Matmul FLOPs of prefilling `batch` prompts of `length` tokens up to one token's logits."""
-  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim)
-  per_token = cfg.num_layers * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f)
+  d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+  per_token = common.layer_matmul_params(cfg)
   attention = cfg.num_layers * 2 * batch * length * length * h * hd / 2  # causal: half
   return 2.0 * (per_token * batch * length + attention + batch * d * cfg.vocab_size)
 

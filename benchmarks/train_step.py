@@ -58,9 +58,8 @@ CLIP, DUAL_CLIP, LR, WEIGHT_DECAY, GRAD_CLIP = 0.2, 3.0, 1e-6, 0.01, 1.0
 
 def update_flops(cfg: ModelConfig, batch: int, length: int) -> float:
   """Matmul FLOPs of forward + backward (3x forward) with full logits over the whole sequence."""
-  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim)
-  per_token = cfg.num_layers * (d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f)
+  d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+  per_token = common.layer_matmul_params(cfg)
   per_token += d * cfg.vocab_size
   attention = cfg.num_layers * 2 * batch * length * length * h * hd
   return 3 * 2.0 * (per_token * batch * length + attention)
