@@ -191,7 +191,16 @@ def test_bf16_base_merges_in_its_dtype(base):
   assert model.lora.wq_a[...].dtype == jnp.float32
   merged = lora.merge(model)
   assert merged.wq[...].dtype == jnp.bfloat16 and merged.embed[...].dtype == jnp.bfloat16
-  np.testing.assert_allclose(logits(merged, TOKENS), logits(model, TOKENS), rtol=0.05, atol=0.05)
+  # Both bf16 paths (merged weights; x @ W + s (x @ A) @ B) sit within bf16 rounding of the
+  # same model computed in f32, while the adapters themselves move the logits by several units.
+  f32 = create_model(CFG, seed=0)
+  nnx.update(f32, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), nnx.state(bf)))
+  ref_model = lora.add_lora(f32, LCFG)
+  nnx.update(ref_model, nnx.state(model, lora.LoraParam))
+  ref = np.asarray(logits(ref_model, TOKENS))
+  assert np.abs(np.asarray(logits(bf, TOKENS)) - ref).max() > 2.0
+  for m in (merged, model):
+    np.testing.assert_allclose(logits(m, TOKENS), ref, rtol=0, atol=0.25)
 
 
 def test_merge_then_export_reloads_in_transformers_with_adapted_logits(adapted, tmp_path):

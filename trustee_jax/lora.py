@@ -1,11 +1,11 @@
 """LoRA on the stacked attention and MLP projections: a frozen base, small trainable adapters.
 
 Each target W [L, in.., out..] gets A [L, in.., r] and B [L, r, out..] and is used as
-W + (alpha / r) * A @ B. The delta is merged one layer at a time inside the layer scan
-(`LoraWeight.astype`, which the decoder block calls on every projection), so training never
-holds a whole merged copy. B starts at zero, so a fresh adapter is the base exactly, and the
-frozen base with adapters off is the KL reference for free. `merge` folds the adapters into a
-plain Transformer for export (weights.save_hf) or for a sampler that should not pay the merge.
+W + (alpha / r) * A @ B, applied as x @ W + (alpha / r) * (x @ A) @ B inside the layer scan
+(`LoraWeight.project`), so training never forms a merged weight nor its full-size gradient.
+B starts at zero, so a fresh adapter is the base exactly, and the frozen base with adapters
+off is the KL reference for free. `merge` folds the adapters into a plain Transformer for
+export (weights.save_hf) or for a sampler that should not pay the merge.
 
 This module is the model surgery only (add, split, merge); the update that differentiates the
 adapters alone is `update.make_update_fn` over `update.split(model)`, as for a full fine-tune.
@@ -27,6 +27,7 @@ Array = jax.Array
 INPUT_DIMS: dict[str, int] = {"wq": 1, "wk": 1, "wv": 1, "wo": 2,
                               "w_gate": 1, "w_up": 1, "w_down": 1}
 ALL_TARGETS = tuple(INPUT_DIMS)
+_RANK = "r"  # the rank axis's letter in LoraWeight.project's einsums
 
 
 class LoraError(ValueError):
@@ -90,8 +91,10 @@ def _delta(a: Array, b: Array, scale: float) -> Array:
 class LoraWeight:
   """A projection with its adapter; the layer scan slices it like an array.
 
-  The decoder block reads every projection as `lp[name].astype(compute_dtype)`; here that
-  returns the merged weight of the current layer, summed in f32 and cast once.
+  The decoder block applies every projection through `transformer.project`, which calls
+  `project` here: x @ W + s * (x @ A) @ B, never forming W + s * A @ B, so a LoRA update's
+  backward computes rank-r gradients only, not W's full-size one. `astype` is the merged
+  weight (summed in f32, cast once), for merging and for unstacked inference layers.
   """
   w: Array
   a: Array
@@ -100,6 +103,19 @@ class LoraWeight:
 
   def astype(self, dtype) -> Array:
     return (self.w.astype(jnp.float32) + _delta(self.a, self.b, self.scale)).astype(dtype)
+
+  def project(self, spec: str, x: Array, dtype) -> Array:
+    """`einsum(spec, x, W + s * A @ B)` computed as x @ W + s * (x @ A) @ B, in `dtype`."""
+    (x_axes, w_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
+    if _RANK in spec:
+      raise LoraError(f"einsum spec {spec!r} uses the rank axis letter {_RANK!r}")
+    n_in = self.a.ndim - 1
+    ins, outs = w_axes[:n_in], w_axes[n_in:]
+    rest = "".join(c for c in x_axes if c not in ins)
+    xa = jnp.einsum(f"{x_axes},{ins}{_RANK}->{rest}{_RANK}", x, self.a.astype(dtype))
+    delta = jnp.einsum(f"{rest}{_RANK},{_RANK}{outs}->{out_axes}", xa * jnp.asarray(
+        self.scale, dtype), self.b.astype(dtype))
+    return jnp.einsum(spec, x, self.w.astype(dtype)) + delta
 
 
 class LoraAdapters(nnx.Module):

@@ -134,6 +134,15 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
   return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def project(spec: str, x: Array, w: Any, dtype) -> Array:
+  """`einsum(spec, x, w)` in `dtype`. A weight with its own `project` (lora.LoraWeight: x @ W +
+  s * (x @ A) @ B) computes it itself, so no merged W, nor its full-size gradient, is formed."""
+  own = getattr(w, "project", None)
+  if own is not None:
+    return own(spec, x, dtype)
+  return jnp.einsum(spec, x, w.astype(dtype))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> Array:
   """Inverse RoPE frequencies, with Llama-3 scaling when configured."""
   dim = cfg.head_dim
@@ -287,9 +296,9 @@ class Transformer(nnx.Module):
           qkv = qkv + lp["bqkv"].astype(cdt)
         q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
       else:
-        q = jnp.einsum("btd,dhk->bthk", hn, lp["wq"].astype(cdt))
-        k = jnp.einsum("btd,dhk->bthk", hn, lp["wk"].astype(cdt))
-        v = jnp.einsum("btd,dhk->bthk", hn, lp["wv"].astype(cdt))
+        q = project("btd,dhk->bthk", hn, lp["wq"], cdt)
+        k = project("btd,dhk->bthk", hn, lp["wk"], cdt)
+        v = project("btd,dhk->bthk", hn, lp["wv"], cdt)
         if cfg.qkv_bias:
           q, k, v = (q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt),
                      v + lp["bv"].astype(cdt))
@@ -312,16 +321,16 @@ class Transformer(nnx.Module):
       attn = attn_lib.attention(q, k, v, mask, implementation=cfg.attention_impl,
                                 self_positions=positions if cache is None else None,
                                 mesh=self.mesh, rules=self.rules)
-      x = x + jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(cdt))
+      x = x + project("bthk,hkd->btd", attn, lp["wo"], cdt)
       hn = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
       if "w_gate_up" in lp:
         gate, up = jnp.split(jnp.einsum("btd,df->btf", hn, lp["w_gate_up"].astype(cdt)), 2,
                              axis=-1)
       else:
-        gate = jnp.einsum("btd,df->btf", hn, lp["w_gate"].astype(cdt))
-        up = jnp.einsum("btd,df->btf", hn, lp["w_up"].astype(cdt))
+        gate = project("btd,df->btf", hn, lp["w_gate"], cdt)
+        up = project("btd,df->btf", hn, lp["w_up"], cdt)
       mlp = self._constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-      x = x + jnp.einsum("btf,fd->btd", mlp, lp["w_down"].astype(cdt))
+      x = x + project("btf,fd->btd", mlp, lp["w_down"], cdt)
       x = self._constrain(x, ("batch", "length", "act_embed"))
       return (x, layer + 1, ck, cv), None
 
