@@ -84,43 +84,6 @@ def _guarded(connect):
   return guarded_connect
 
 
-# The longest file first: under the README's `-n 2 --dist loadfile` it then runs on one worker
-# beside all the others, not alone at the end (about 20 min on a 2-core EPYC).
-_FIRST = ("test_learning.py",)
-
-
-# The heaviest tests that another CI test already covers in part (each 1-4 min on the 2-core
-# AVX2 CI machine, about 25 min together, measured serially in session 16): marked `heavy`, left out of CI so that it fits its
-# 90 minutes, run with `python -m pytest tests -m heavy` (before a release, or on a faster box).
-_HEAVY = {
-    "test_train.py::test_two_processes_train_one_policy",
-    "test_train.py::test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_damaged_one_is_skipped",
-    "test_train.py::test_prefetched_tasks_are_the_tasks_the_step_would_have_made",
-    "test_weights.py::test_qwen25_coder_05b_greedy_decode_matches_transformers_gguf",
-    "test_world_live.py::test_task_generator_output_is_valid_or_regenerated",
-    "test_gpu_check.py::test_tiny_run_reports_every_figure",
-    "test_sglang_flags.py::test_sglang_accepts_the_scripts_flags",
-    "test_update.py::test_grpo_learns_the_toy_task_and_controls_do_not",
-    "test_train_faults.py::test_every_step_trains_through_a_flaky_simulator",
-    "test_notebooks.py::test_quickstart_notebook_trains_and_plots",
-    "test_soak.py::test_a_short_soak_serves_every_valid_request_and_frees_its_slots",
-    "test_engine.py::test_staggered_requests_match_running_alone",
-    "test_constrained.py::test_schema_outputs_parse_and_validate_at_temperature_one",
-}
-
-
-def _heavy(item) -> bool:
-  return f"{item.path.name}::{item.originalname}" in _HEAVY
-
-
-def pytest_collection_modifyitems(config, items):  # noqa: ARG001 (pytest's hook signature)
-  """Marks _HEAVY's tests `heavy` and moves _FIRST's tests to the front (a stable sort)."""
-  for item in items:
-    if _heavy(item):
-      item.add_marker(pytest.mark.heavy)
-  items.sort(key=lambda item: item.path.name not in _FIRST)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def offline():
   """The whole session: offline hub libraries and no outbound connections."""

@@ -64,6 +64,7 @@ def _positive(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # ~60-90 s on two loaded cores: 12 compiles, 4 of them GRPO updates
 def test_tiny_run_reports_every_figure():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

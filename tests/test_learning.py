@@ -21,8 +21,9 @@ from trustee_jax.train_logging import scalar_series
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 1
-# One step (it must carry signal) with validation before and after it. One wave of the engine's 8 slots: 12 tasks took two (about 6.5 min a validation on the AMD
-# EPYC CI machine, a third of this test); the test checks validation is logged, not its level.
+# One step (it must carry signal), validated before and after on one wave of the engine's 8
+# slots: 12 tasks took two (about 6.5 min a validation on the AMD EPYC CI machine, a third of
+# this test); the test checks validation is logged, not its level.
 VAL_TASKS = 4
 
 

@@ -116,6 +116,7 @@ def _check(python, *args, env=None):
                         timeout=300, env={**clean, **(env or {})})
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_sglang_accepts_the_scripts_flags(sglang_python):

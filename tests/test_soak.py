@@ -5,6 +5,7 @@ import pytest
 from benchmarks import soak
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_short_soak_serves_every_valid_request_and_frees_its_slots():
   result = soak.run_soak(duration_s=20, concurrency=16, warmup_s=20)

@@ -206,6 +206,7 @@ def test_a_step_on_a_two_device_mesh_keeps_params_sharded(tmp_path):
   assert np.isfinite(result["loss"])
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_processes_train_one_policy(tmp_path):
@@ -297,6 +298,7 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_damaged_one_is_skipped(tmp_path):
@@ -364,6 +366,7 @@ def test_a_fixed_validation_seed_gives_runs_of_every_seed_one_held_out_set(tmp_p
   assert own[0] == asyncio.run(tasks(0, 0, tmp_path / "zero"))  # -1 is the run's seed
 
 
+@pytest.mark.heavy
 def test_prefetched_tasks_are_the_tasks_the_step_would_have_made(tmp_path):
   """train.prefetch_tasks makes step N+1's tasks while step N's update runs; the run is the
   same with it off: the same tasks, episodes and rewards, step by step."""

@@ -274,6 +274,7 @@ def test_qwen25_gguf_dequantisation_equals_gguf_reference(monkeypatch):
     assert np.abs(got).max() > 0, t.name
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_qwen25_coder_05b_greedy_decode_matches_transformers_gguf(tmp_path):
   """The real 0.5B file: the same prompt logits and the same 8 greedy tokens as transformers'

@@ -137,6 +137,7 @@ def generation_requests(seeds) -> list[tasks_lib.TaskRequest]:
   return [tasks_lib.sample_requests(pool, [KNOBS], np.random.default_rng(s))[0] for s in seeds]
 
 
+@pytest.mark.heavy
 def test_task_generator_output_is_valid_or_regenerated(server):
   """Several seeds through the real client: every reply is schema-valid, and a task is returned
   only once a reply passes validation, each failure asked again with the next seed. For the last
