@@ -88,7 +88,6 @@ def test_analysis_notebook_names_a_missing_workdir(tmp_path):
     run_notebook("analysis.ipynb", {"TRUSTEE_WORKDIRS": str(tmp_path / "none")}, timeout=120)
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 def test_quickstart_notebook_trains_and_plots(tmp_path):
   outputs = run_notebook("quickstart.ipynb", {

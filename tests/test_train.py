@@ -206,7 +206,6 @@ def test_a_step_on_a_two_device_mesh_keeps_params_sharded(tmp_path):
   assert np.isfinite(result["loss"])
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_processes_train_one_policy(tmp_path):
@@ -366,20 +365,19 @@ def test_a_fixed_validation_seed_gives_runs_of_every_seed_one_held_out_set(tmp_p
   assert own[0] == asyncio.run(tasks(0, 0, tmp_path / "zero"))  # -1 is the run's seed
 
 
-@pytest.mark.heavy
 def test_prefetched_tasks_are_the_tasks_the_step_would_have_made(tmp_path):
   """train.prefetch_tasks makes step N+1's tasks while step N's update runs; the run is the
-  same with it off: the same tasks, episodes and rewards, step by step."""
+  same with it off: the same tasks, episodes and rewards, step by step. Step 2 is the first
+  prefetched one and follows a real update, so two steps a run carry the whole claim."""
   runs = {}
   for prefetch in (True, False):
-    cfg = load_config("test", **{"train.steps": 3, "validation.every": 0,
+    cfg = load_config("test", **{"train.steps": 2, "validation.every": 0,
                                  "train.prefetch_tasks": prefetch})
     train.train(cfg, tmp_path / str(prefetch))
     runs[prefetch] = [[(e["task"], e["messages"], e["reward"]) for e in map(json.loads, (
         tmp_path / str(prefetch) / "episodes" / f"step_{s}.jsonl").read_text().splitlines())]
-        for s in (1, 2, 3)]
+        for s in (1, 2)]
     flags = scalar_series(tmp_path / str(prefetch) / "tb", ["tasks/prefetched"])
-    assert flags["tasks/prefetched"] == ({1: 0.0, 2: 1.0, 3: 1.0} if prefetch else
-                                         {1: 0.0, 2: 0.0, 3: 0.0})
+    assert flags["tasks/prefetched"] == ({1: 0.0, 2: 1.0} if prefetch else {1: 0.0, 2: 0.0})
   assert runs[True] == runs[False]
-  assert_signal(tmp_path / "True" / "tb", [1, 2, 3])
+  assert_signal(tmp_path / "True" / "tb", [1, 2])

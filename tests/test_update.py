@@ -75,7 +75,6 @@ def train_toy(steps: int, *, negate: bool = False, shift_mask: bool = False, see
   return success, final, int(cstate.level)
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_grpo_learns_the_toy_task_and_controls_do_not():
