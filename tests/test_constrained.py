@@ -114,7 +114,6 @@ def test_mask_follows_the_grammar(tok, compiler):
   assert not allowed[0, tok.encode("yellow")[0]] and not allowed[0, tok.encode("1")[0]]
 
 
-@pytest.mark.heavy
 def test_schema_outputs_parse_and_validate_at_temperature_one(tok, engine):
   names = list(SCHEMAS)
   prompts, params = [], []

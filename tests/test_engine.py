@@ -213,7 +213,6 @@ def _run_alone(engine, prompts, params):
   return [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
 
 
-@pytest.mark.heavy
 def test_staggered_requests_match_running_alone(engine, prompt_ids):
   prompts = prompt_ids + prompt_ids[:2]
   params = [_greedy(16), SamplingParams(max_new_tokens=10, temperature=1.0, seed=5),

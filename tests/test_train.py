@@ -297,7 +297,6 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_a_damaged_one_is_skipped(tmp_path):

@@ -53,7 +53,6 @@ class OutageAtStart:
     return await self.inner.generate_batch(requests, avoid_queries=avoid_queries)
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_every_step_trains_through_a_flaky_simulator(tmp_path):
